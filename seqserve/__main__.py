@@ -1,0 +1,5 @@
+import sys
+
+from seqserve.cli import main
+
+sys.exit(main())
