@@ -36,8 +36,10 @@ UNK_ID = 1
 
 # A word is letters/digits with inner apostrophes ("don't", "it's"); every
 # other non-space character (punctuation, '#', '@', emoji) is a token alone.
-_WORDS_AND_MARKS = re.compile(r"\w+(?:'\w+)*|[^\w\s]")
-_WORDS_ONLY = re.compile(r"\w+(?:'\w+)*")
+# Underscores separate words (tweets glue words with them).
+_WORD = r"[^\W_]+(?:'[^\W_]+)*"
+_WORDS_AND_MARKS = re.compile(_WORD + r"|[^\w\s]|_")
+_WORDS_ONLY = re.compile(_WORD)
 
 
 class Vocab:
