@@ -1,0 +1,213 @@
+"""The adding problem: a long-range memory probe for RNN, LSTM and GRU.
+
+Each sequence has `lag` steps of 2 features: a value drawn from U(0, 1) and a
+marker that is 1 at exactly two steps (one in the first half, one in the
+second) and 0 elsewhere. The target, read at the LAST step, is the sum of the
+two marked values. The first marked value lies between lag/2 and lag steps
+before the answer, so the model must carry it that far. Always answering 1
+(the mean sum) scores MSE = Var(U1 + U2) = 2/12 ~ 0.167: the trivial predictor.
+
+Gradient flow: the norm of dLoss/dh_t (top layer's output at step t, batch
+mean) against the distance lag-1-t from the loss, the quantity the vanishing
+gradient derivation says shrinks like a product of tanh' * W_hh factors.
+
+Run folder: checkpoint.pt, metrics.json, loss.png, gradients.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.loop import fit, seed_everything
+from training.model import Checkpoint, ModelConfig, SequenceModel, count_parameters, save_checkpoint
+
+TRIVIAL_MSE = 1.0 / 6.0  # Var(U1 + U2) for U ~ U(0, 1): predicting the mean 1.0
+LAGS = (10, 50, 100, 200)
+DEFAULTS = dict(cell="lstm", layers=1, hidden=64, lr=3e-3, batch_size=64, epochs=100,
+                steps_per_epoch=50, lag=100)
+
+
+def generate(n: int, lag: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sequences of length lag -> x (n, lag, 2) float32, target (n,) float32."""
+    if lag < 2:
+        raise ValueError(f"lag must be >= 2, got {lag}")
+    values = torch.rand(n, lag, generator=generator)  # (n, lag)
+    half = lag // 2
+    first = torch.randint(0, half, (n,), generator=generator)
+    second = torch.randint(half, lag, (n,), generator=generator)
+    marker = torch.zeros(n, lag)
+    rows = torch.arange(n)
+    marker[rows, first] = 1.0
+    marker[rows, second] = 1.0
+    x = torch.stack([values, marker], dim=-1)  # (n, lag, 2)
+    target = values[rows, first] + values[rows, second]
+    return x, target
+
+
+def loss_fn(model, batch) -> torch.Tensor:
+    x, target = batch
+    y, _ = model(x)  # (B, lag, 1)
+    return F.mse_loss(y[:, -1, 0], target)
+
+
+@torch.no_grad()
+def mse(model, x, target, batch_size: int = 500) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    for s in range(0, len(x), batch_size):
+        y, _ = model(x[s:s + batch_size].to(device))
+        total += float(((y[:, -1, 0].cpu() - target[s:s + batch_size]) ** 2).sum())
+    return total / len(x)
+
+
+def gradient_norms(model: SequenceModel, x: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """||dLoss/dh_t|| (mean over the batch) for t = 0..T-1 of the top layer.
+
+    The recurrent module's output sequence is captured with a forward hook and
+    asked to keep its gradient; its grad at step t is dL/dh_t of the top layer
+    (all paths: through later steps and, at the last step, through the head).
+    Dropout is off (eval mode) so every cell sees the same deterministic graph.
+    """
+    captured = {}
+
+    def hook(module, inputs, output):
+        out = output[0]  # (B, T, H)
+        out.retain_grad()
+        captured["out"] = out
+
+    was_training = model.training
+    model.eval()
+    handle = model.rnn.register_forward_hook(hook)
+    try:
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = loss_fn(model, (x, target))
+            loss.backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    grad = captured["out"].grad  # (B, T, H)
+    return grad.norm(dim=-1).mean(dim=0).tolist()  # (T,) step t -> distance T-1-t
+
+
+def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: float = 3e-3,
+                 batch_size: int = 64, epochs: int = 100, steps_per_epoch: int = 50,
+                 budget_s: float | None = None, seed: int = 0, device=None, progress: bool = True,
+                 n_val: int = 1000, n_test: int = 2000) -> tuple[SequenceModel, dict, dict]:
+    """Train one cell on one lag with fresh data every batch.
+
+    Returns the model, metrics and the task config. Validation and test sets
+    are fixed by seed (test: its own generator, never seen in training).
+    Validation keeps the best weights; there is no early stop on patience,
+    because these models sit on the trivial plateau for a while before they
+    find the markers.
+    """
+    seed_everything(seed)
+    config = ModelConfig(cell=cell, input_size=2, hidden=hidden, layers=layers, head="regression",
+                         output_size=1)
+    model = SequenceModel(config)
+    train_gen = torch.Generator().manual_seed(seed * 7919 + lag)
+    val = generate(n_val, lag, torch.Generator().manual_seed(10_000 + seed))
+    test = generate(n_test, lag, torch.Generator().manual_seed(20_000 + seed))
+
+    def train_batches(epoch):
+        for _ in range(steps_per_epoch):
+            yield generate(batch_size, lag, train_gen)
+
+    history = fit(model, train_batches, loss_fn, val_fn=lambda m: mse(m, *val), epochs=epochs, lr=lr,
+                  clip=1.0, patience=None, budget_s=budget_s, seed=seed, device=device,
+                  desc=f"adding lag={lag} {cell}", progress=progress)
+    model.cpu().eval()
+    test_mse = mse(model, *test)
+    metrics = {
+        "task": "adding", "cell": cell, "lag": lag, "hidden": hidden, "layers": layers,
+        "test_mse": test_mse, "trivial_mse": TRIVIAL_MSE,
+        "solved": test_mse <= 0.01,
+        "parameters": count_parameters(model),
+        "train_seconds": history.seconds,
+        "train_examples": history.epochs * steps_per_epoch * batch_size,
+        "history": history.to_dict(),
+    }
+    task = {"name": "adding", "lag": lag, "seed": seed, "features": ["value", "marker"],
+            "steps_per_epoch": steps_per_epoch}
+    train = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "clip": 1.0, "budget_s": budget_s,
+             "seed": seed}
+    return model, metrics, {"task": task, "train": train}
+
+
+def gradient_batch(lag: int, n: int = 256, seed: int = 0):
+    """The one batch every cell's gradient flow is measured on."""
+    return generate(n, lag, torch.Generator().manual_seed(30_000 + seed))
+
+
+def plot_gradients(curves: dict[str, list[float]], path, title: str) -> None:
+    """curves: {label: norms per step t}; x = distance from the loss, log y."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (label, norms) in enumerate(curves.items()):
+        T = len(norms)
+        dist = [T - 1 - t for t in range(T)]
+        ys = [max(v, 1e-30) for v in norms]
+        style = "--" if "init" in label else "-"
+        ax.plot(dist, ys, style, color=f"C{i // 2 if len(curves) > 3 else i}", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("distance from the loss (steps before the last)")
+    ax.set_ylabel("||dLoss / dh_t||  (batch mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> dict:
+    """`seqserve train --task adding --cell C [--lag N]`: one cell at one lag."""
+    def arg(name):
+        v = getattr(args, name, None)
+        return DEFAULTS[name] if v is None else v
+
+    cell, lag, seed = arg("cell"), int(arg("lag")), int(getattr(args, "seed", None) or 0)
+    if getattr(args, "bidirectional", False):
+        raise ValueError("--bidirectional is not meaningful for the adding problem (answer at the last step)")
+    out = Path(getattr(args, "out", None) or f"runs/adding-{lag}-{cell}")
+    out.mkdir(parents=True, exist_ok=True)
+    x, target = gradient_batch(lag, seed=seed)
+    seed_everything(seed)
+    init_model = SequenceModel(ModelConfig(cell=cell, input_size=2, hidden=int(arg("hidden")),
+                                           layers=int(arg("layers")), head="regression", output_size=1))
+    init_norms = gradient_norms(init_model, x, target)
+    model, metrics, cfg = train_adding(
+        cell, lag, hidden=int(arg("hidden")), layers=int(arg("layers")), lr=float(arg("lr")),
+        batch_size=int(arg("batch_size")), epochs=int(arg("epochs")),
+        steps_per_epoch=int(getattr(args, "steps_per_epoch", None) or DEFAULTS["steps_per_epoch"]),
+        budget_s=getattr(args, "budget_s", None), seed=seed, device=getattr(args, "device", None),
+        progress=bool(getattr(args, "progress", True)))
+    trained_norms = gradient_norms(model, x, target)
+    metrics["gradient_norms"] = {"at_init": init_norms, "trained": trained_norms}
+    ckpt = Checkpoint(model=model.config.to_dict(), task=cfg["task"], train=cfg["train"],
+                      normalization=None, extra={"output_names": ["sum"]},
+                      metrics={k: v for k, v in metrics.items() if k not in ("history", "gradient_norms")})
+    save_checkpoint(out / "checkpoint.pt", model, ckpt)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from training.classify import plot_losses
+    h = metrics["history"]
+    plot_losses({cell: {"train": h["train_loss"], "val": h["val_loss"]}}, out / "loss.png",
+                f"adding problem, lag {lag}: MSE per epoch ({cell})", "MSE")
+    plot_gradients({f"{cell} at init": init_norms, f"{cell} trained": trained_norms},
+                   out / "gradients.png", f"gradient flow, lag {lag} ({cell})")
+    return metrics
+
+
+def log_ratio(norms: list[float]) -> float:
+    """log10(||dL/dh_first|| / ||dL/dh_last||): how many decades the gradient lost."""
+    return math.log10(max(norms[0], 1e-30) / max(norms[-1], 1e-30))
