@@ -243,6 +243,38 @@ def _recurrent_nodes(graph) -> tuple[str, list]:
     return op, nodes
 
 
+def _check_interface(graph) -> None:
+    """Names, dtypes and ranks of the convention's tensors, before anything else,
+    so a hand-edited interface is reported as such (not as a checker error)."""
+    inits = {t.name for t in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in inits}
+    outputs = {o.name: o for o in graph.output}
+    for name in ("x", "h0"):
+        if name not in inputs:
+            raise ArtifactError(f"missing input {name!r}: the convention's inputs are x, h0 and, for LSTM, c0 "
+                                f"(graph has {sorted(inputs)})")
+    for name in ("y", "hn"):
+        if name not in outputs:
+            raise ArtifactError(f"missing output {name!r}: the convention's outputs are y, hn and, for LSTM, cn "
+                                f"(graph has {sorted(outputs)})")
+    if ("c0" in inputs) != ("cn" in outputs):
+        missing = "c0" if "cn" in outputs else "cn"
+        raise ArtifactError(f"missing {'input' if missing == 'c0' else 'output'} {missing!r}: "
+                            "an LSTM model has both c0 and cn, other cells neither")
+    x = inputs["x"]
+    if x.type.tensor_type.elem_type == _INT64:
+        _check_tensor(x, 2, (_INT64,), "input")
+    else:
+        _check_tensor(x, 3, (_FLOAT,), "input")
+    for name in ("h0", "c0"):
+        if name in inputs:
+            _check_tensor(inputs[name], 3, (_FLOAT,), "input")
+    _check_tensor(outputs["y"], 3, (_FLOAT,), "output")
+    for name in ("hn", "cn"):
+        if name in outputs:
+            _check_tensor(outputs[name], 3, (_FLOAT,), "output")
+
+
 def _infer_from_graph(proto) -> dict:
     """Everything the convention lets us read off the graph itself."""
     graph = proto.graph
@@ -365,6 +397,7 @@ def inspect_model(proto, path: str | os.PathLike = "", name: str | None = None,
 
     where = str(path) or "model"
     try:
+        _check_interface(proto.graph)
         try:
             onnx.checker.check_model(proto)
         except onnx.checker.ValidationError as exc:
