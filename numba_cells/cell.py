@@ -1,0 +1,276 @@
+"""The streaming cell: slot arrays of live sessions' state and one step at a time.
+
+    cell = load_cell("model.onnx", device="auto", capacity=1024)
+    y = cell.step(x, slots)          # x (B, F) float32 or (B,) int64 ids -> y (B, out)
+    y = cell.step_chunk(x, slots)    # x (B, T, F) or (B, T) -> y (B, T, out)
+
+Which session owns which slot is the serving layer's business; the cell only
+holds `h[slot, layer, hidden]` (and `c` for LSTM) and advances the rows asked
+for, in place. Kernels are compiled and run once at load (warm-up on scratch
+arrays), so no client's first step pays for compilation.
+
+Not thread-safe: one caller at a time (the serving layer batches steps).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from numba_cells.onnx_model import CellError, CellSpec, load_spec
+from numba_cells.packing import pack
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """A real GPU, or the simulator when NUMBA_ENABLE_CUDASIM=1."""
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # no driver, no toolkit: CPU it is
+        return False
+
+
+class _CpuState:
+    """Slot arrays in host memory and the CPU kernels that advance them."""
+
+    device = "cpu"
+
+    def __init__(self, spec: CellSpec, capacity: int):
+        from numba_cells import cpu  # compiled (or loaded from cache) on first import
+
+        self.spec = spec
+        self.params, self.meta = pack(spec)
+        self.serial, self.parallel = cpu.RUNNERS[spec.cell]
+        self.parallel_min = cpu.PARALLEL_MIN_BATCH
+        self.h = np.zeros((capacity, spec.layers, spec.hidden), np.float32)
+        self.c = (np.zeros_like(self.h) if spec.has_cell_state
+                  else np.zeros((1, 1, 1), np.float32))
+        self.seen = np.zeros(capacity, np.uint8)
+        self._dummy_x = np.zeros((1, 1, 1), np.float32)
+        self._dummy_tok = np.zeros((1, 1), np.int64)
+
+    def advance(self, x, tok, slots, B, T):
+        """x (B, T, F) float32 or None, tok (B, T) int64 or None -> y (B, T, out)."""
+        y = np.empty((B, T, self.spec.output_size), np.float32)
+        run = self.parallel if B >= self.parallel_min else self.serial
+        code, row = run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
+                        slots, self.h, self.c, y, self.params, self.meta, self.seen)
+        return y, code, row
+
+    def warm_up(self):
+        """Compile (or load from Numba's cache) both runners, on scratch state."""
+        h = np.zeros((1,) + self.h.shape[1:], np.float32)
+        c = np.zeros_like(h) if self.spec.has_cell_state else self.c
+        x, tok = _zeros_input(self.spec, 1, 1)
+        slots = np.zeros(1, np.int64)
+        for run in (self.serial, self.parallel):
+            y = np.empty((1, 1, self.spec.output_size), np.float32)
+            run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
+                slots, h, c, y, self.params, self.meta, np.zeros(1, np.uint8))
+
+    # state access: host arrays, so plain numpy
+    def get(self, slot):
+        out = {"h": self.h[slot].copy()}
+        if self.spec.has_cell_state:
+            out["c"] = self.c[slot].copy()
+        return out
+
+    def set(self, slot, h, c):
+        self.h[slot] = h
+        if c is not None:
+            self.c[slot] = c
+
+    def zero(self, slot):
+        self.h[slot] = 0.0
+        if self.spec.has_cell_state:
+            self.c[slot] = 0.0
+
+    def copy(self, src, dst):
+        self.h[dst] = self.h[src]
+        if self.spec.has_cell_state:
+            self.c[dst] = self.c[src]
+
+    def grow(self, capacity):
+        h = np.zeros((capacity,) + self.h.shape[1:], np.float32)
+        h[: self.h.shape[0]] = self.h
+        self.h = h
+        if self.spec.has_cell_state:
+            c = np.zeros_like(h)
+            c[: self.c.shape[0]] = self.c
+            self.c = c
+        self.seen = np.zeros(capacity, np.uint8)
+
+
+def _zeros_input(spec: CellSpec, B: int, T: int):
+    if spec.input_kind == "tokens":
+        return None, np.zeros((B, T), np.int64)
+    return np.zeros((B, T, spec.input_features), np.float32), None
+
+
+class Cell:
+    """Preallocated per-session state plus kernels that step it (see module doc)."""
+
+    def __init__(self, spec: CellSpec, device: str = "auto", capacity: int = 1024):
+        if device not in DEVICES:
+            raise CellError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
+        capacity = int(capacity)
+        if capacity < 1:
+            raise CellError(f"capacity must be at least 1, got {capacity}")
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        if device == "cuda":
+            if not cuda_available():
+                raise CellError("device='cuda' asked for but no CUDA GPU is available "
+                                "(set NUMBA_ENABLE_CUDASIM=1 to use the simulator)")
+            from numba_cells.cuda_cell import CudaState
+            self._state = CudaState(spec, capacity)
+        else:
+            self._state = _CpuState(spec, capacity)
+        self.spec = spec
+        self.device = self._state.device
+        self.capacity = capacity
+        self._tokens = spec.input_kind == "tokens"
+        self._F = spec.input_features
+        self._state.warm_up()
+
+    # ------------------------------------------------------------ stepping
+    def step(self, x, slots):
+        """x (B, F) float32 or (B,) int64 token ids; slots (B,) -> y (B, out) float32."""
+        slots = self._slots(slots)
+        B = slots.shape[0]
+        x, tok = self._inputs(x, B, chunk=False)
+        if B == 0:
+            return np.zeros((0, self.spec.output_size), np.float32)
+        y = self._run(x, tok, slots, B, 1)
+        return y.reshape(B, self.spec.output_size)
+
+    def step_chunk(self, x, slots):
+        """x (B, T, F) or (B, T) token ids -> y (B, T, out): T steps per session, in order."""
+        slots = self._slots(slots)
+        B = slots.shape[0]
+        x, tok = self._inputs(x, B, chunk=True)
+        T = (tok if x is None else x).shape[1]
+        if B == 0 or T == 0:
+            return np.zeros((B, T, self.spec.output_size), np.float32)
+        return self._run(x, tok, slots, B, T)
+
+    def _run(self, x, tok, slots, B, T):
+        y, code, row = self._state.advance(x, tok, slots, B, T)
+        if code:
+            from numba_cells.cpu import ERR_SLOT_DUP, ERR_SLOT_RANGE
+            if code == ERR_SLOT_RANGE:
+                raise CellError(f"slot {int(slots[row])} (row {row}) is out of range "
+                                f"[0, {self.capacity})")
+            if code == ERR_SLOT_DUP:
+                raise CellError(f"slot {int(slots[row])} appears more than once in the batch "
+                                f"(again at row {row}): one step per session per call")
+            bad = tok[row][(tok[row] < 0) | (tok[row] >= self._F)]
+            raise CellError(f"token id {int(bad[0])} (row {row}) is outside the vocabulary "
+                            f"of {self._F}")
+        return y
+
+    def _slots(self, slots) -> np.ndarray:
+        s = np.asarray(slots)
+        if s.dtype != np.int64:
+            if s.size and s.dtype.kind not in "iu":
+                raise CellError(f"slots must be integers, got dtype {s.dtype}")
+            s = s.astype(np.int64)
+        if s.ndim != 1:
+            raise CellError(f"slots must be 1-D (B,), got shape {s.shape}")
+        return np.ascontiguousarray(s)
+
+    def _inputs(self, x, B, chunk):
+        """-> (x float32 (B, T, F) or None, tok int64 (B, T) or None), checked."""
+        a = np.asarray(x)
+        want = "(B, T)" if chunk else "(B,)"
+        if self._tokens:
+            if a.dtype.kind not in "iu":
+                raise CellError(f"this model reads int64 token ids, got dtype {a.dtype}")
+            if a.ndim != (2 if chunk else 1) or a.shape[0] != B:
+                raise CellError(f"token ids must have shape {want} with B={B} (one row per slot), "
+                                f"got {a.shape}")
+            tok = np.ascontiguousarray(a, dtype=np.int64)
+            return None, (tok if chunk else tok.reshape(B, 1))
+        if a.dtype.kind != "f":
+            raise CellError(f"this model reads float32 features, got dtype {a.dtype}")
+        F = self._F
+        want = f"(B, T, {F})" if chunk else f"(B, {F})"
+        if a.ndim != (3 if chunk else 2) or a.shape[0] != B or a.shape[-1] != F:
+            raise CellError(f"x must have shape {want} with B={B} (one row per slot), got {a.shape}")
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return (a if chunk else a.reshape(B, 1, F)), None
+
+    # ------------------------------------------------------------ state access
+    def _slot(self, slot) -> int:
+        try:
+            s = int(slot)
+        except (TypeError, ValueError):
+            raise CellError(f"slot must be an integer, got {slot!r}") from None
+        if s != slot or not 0 <= s < self.capacity:
+            raise CellError(f"slot {slot!r} is out of range [0, {self.capacity})")
+        return s
+
+    def _state_array(self, name, value):
+        shape = (self.spec.layers, self.spec.hidden)
+        a = np.asarray(value, dtype=np.float32)
+        if a.shape != shape:
+            raise CellError(f"{name} must have shape (layers, hidden) = {shape}, got {a.shape}")
+        if not np.isfinite(a).all():
+            raise CellError(f"{name} holds NaN or infinite values")
+        return a
+
+    def _check_c(self, c):
+        if c is None:
+            return None
+        if not self.spec.has_cell_state:
+            raise CellError(f"a {self.spec.cell.upper()} has no cell state: do not pass c")
+        return self._state_array("c", c)
+
+    def reset(self, slot, h=None, c=None):
+        """Zero a slot's state, or set the given initial state."""
+        s = self._slot(slot)
+        hh = None if h is None else self._state_array("h", h)
+        cc = self._check_c(c)
+        self._state.zero(s)
+        if hh is not None or cc is not None:
+            self._state.set(s, hh if hh is not None else np.zeros((self.spec.layers, self.spec.hidden),
+                                                                  np.float32), cc)
+
+    def read(self, slot) -> dict:
+        """{"h": (layers, hidden)[, "c": ...]} copies of a slot's state."""
+        return self._state.get(self._slot(slot))
+
+    def write(self, slot, h, c=None):
+        s = self._slot(slot)
+        hh, cc = self._state_array("h", h), self._check_c(c)
+        if self.spec.has_cell_state and cc is None:
+            raise CellError("an LSTM slot needs both h and c")
+        self._state.set(s, hh, cc)
+
+    def copy(self, src, dst):
+        """Fork: dst gets src's state (a what-if rollout from the same point)."""
+        s, d = self._slot(src), self._slot(dst)
+        if s != d:
+            self._state.copy(s, d)
+
+    def grow(self, new_capacity):
+        """Enlarge the slot arrays, keeping every slot's state."""
+        new_capacity = int(new_capacity)
+        if new_capacity < self.capacity:
+            raise CellError(f"grow cannot shrink: capacity {self.capacity} -> {new_capacity}")
+        if new_capacity > self.capacity:
+            self._state.grow(new_capacity)
+            self.capacity = new_capacity
+
+    def __repr__(self):
+        s = self.spec
+        return (f"Cell({s.cell}, layers={s.layers}, hidden={s.hidden}, input={s.input_kind}:"
+                f"{s.input_features}, out={s.output_size}, device={self.device}, "
+                f"capacity={self.capacity})")
+
+
+def load_cell(path: str | os.PathLike, *, device: str = "auto", capacity: int = 1024) -> Cell:
+    """Parse the ONNX file, allocate `capacity` slots, compile and warm the kernels."""
+    return Cell(load_spec(path), device=device, capacity=capacity)
