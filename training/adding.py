@@ -68,32 +68,59 @@ def mse(model, x, target, batch_size: int = 500) -> float:
 def gradient_norms(model: SequenceModel, x: torch.Tensor, target: torch.Tensor) -> list[float]:
     """||dLoss/dh_t|| (mean over the batch) for t = 0..T-1 of the top layer.
 
-    The recurrent module's output sequence is captured with a forward hook and
-    asked to keep its gradient; its grad at step t is dL/dh_t of the top layer
-    (all paths: through later steps and, at the last step, through the head).
-    Dropout is off (eval mode) so every cell sees the same deterministic graph.
+    The recurrent module runs one step at a time and the next step reads the
+    top layer's step output itself, so that tensor's gradient is the full
+    dL/dh_t (through every later step and the head). Hooking the output of
+    one whole-sequence call would NOT do: torch's fused recurrence reads its
+    own internal copy of h, and the output sequence's grad is then zero at
+    every step but the one the loss reads. Dropout is off (eval mode).
     """
-    captured = {}
-
-    def hook(module, inputs, output):
-        out = output[0]  # (B, T, H)
-        out.retain_grad()
-        captured["out"] = out
-
+    if model.config.bidirectional:
+        raise ValueError("gradient flow is measured on one-way models")
+    lstm = model.config.cell == "lstm"
     was_training = model.training
     model.eval()
-    handle = model.rnn.register_forward_hook(hook)
+    outs = []
     try:
-        model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = loss_fn(model, (x, target))
-            loss.backward()
+            state = None
+            for t in range(x.shape[1]):
+                out, state = model.rnn(x[:, t:t + 1], state)  # out (B, 1, H)
+                out.retain_grad()
+                outs.append(out)
+                top = out.transpose(0, 1)  # (1, B, H): the top layer's h_t
+                if lstm:
+                    state = (torch.cat([state[0][:-1], top]), state[1])
+                else:
+                    state = torch.cat([state[:-1], top])
+            y = model.head(outs[-1])[:, 0, 0]  # (B,)
+            F.mse_loss(y, target).backward()
     finally:
-        handle.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    grad = captured["out"].grad  # (B, T, H)
-    return grad.norm(dim=-1).mean(dim=0).tolist()  # (T,) step t -> distance T-1-t
+    return [float(o.grad[:, 0].norm(dim=-1).mean()) for o in outs]  # step t -> distance T-1-t
+
+
+def init_model(cell: str, hidden: int, layers: int, seed: int) -> SequenceModel:
+    """The untrained model train_adding starts from (same seed, same weights)."""
+    seed_everything(seed)
+    return SequenceModel(ModelConfig(cell=cell, input_size=2, hidden=hidden, layers=layers,
+                                     head="regression", output_size=1))
+
+
+def save_run(out, model: SequenceModel, metrics: dict, cfg: dict) -> None:
+    """checkpoint.pt, metrics.json and loss.png of one (cell, lag) run."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint(model=model.config.to_dict(), task=cfg["task"], train=cfg["train"],
+                      normalization=None, extra={"output_names": ["sum"]},
+                      metrics={k: v for k, v in metrics.items() if k not in ("history", "gradient_norms")})
+    save_checkpoint(out / "checkpoint.pt", model, ckpt)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    from training.classify import plot_losses
+    h = metrics["history"]
+    plot_losses({metrics["cell"]: {"train": h["train_loss"], "val": h["val_loss"]}}, out / "loss.png",
+                f"adding problem, lag {metrics['lag']}: MSE per epoch ({metrics['cell']})", "MSE")
 
 
 def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: float = 3e-3,
@@ -108,10 +135,7 @@ def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: 
     because these models sit on the trivial plateau for a while before they
     find the markers.
     """
-    seed_everything(seed)
-    config = ModelConfig(cell=cell, input_size=2, hidden=hidden, layers=layers, head="regression",
-                         output_size=1)
-    model = SequenceModel(config)
+    model = init_model(cell, hidden, layers, seed)
     train_gen = torch.Generator().manual_seed(seed * 7919 + lag)
     val = generate(n_val, lag, torch.Generator().manual_seed(10_000 + seed))
     test = generate(n_test, lag, torch.Generator().manual_seed(20_000 + seed))
@@ -182,10 +206,7 @@ def run(args) -> dict:
     out = Path(getattr(args, "out", None) or f"runs/adding-{lag}-{cell}")
     out.mkdir(parents=True, exist_ok=True)
     x, target = gradient_batch(lag, seed=seed)
-    seed_everything(seed)
-    init_model = SequenceModel(ModelConfig(cell=cell, input_size=2, hidden=int(arg("hidden")),
-                                           layers=int(arg("layers")), head="regression", output_size=1))
-    init_norms = gradient_norms(init_model, x, target)
+    init_norms = gradient_norms(init_model(cell, int(arg("hidden")), int(arg("layers")), seed), x, target)
     model, metrics, cfg = train_adding(
         cell, lag, hidden=int(arg("hidden")), layers=int(arg("layers")), lr=float(arg("lr")),
         batch_size=int(arg("batch_size")), epochs=int(arg("epochs")),
@@ -194,15 +215,7 @@ def run(args) -> dict:
         progress=bool(getattr(args, "progress", True)))
     trained_norms = gradient_norms(model, x, target)
     metrics["gradient_norms"] = {"at_init": init_norms, "trained": trained_norms}
-    ckpt = Checkpoint(model=model.config.to_dict(), task=cfg["task"], train=cfg["train"],
-                      normalization=None, extra={"output_names": ["sum"]},
-                      metrics={k: v for k, v in metrics.items() if k not in ("history", "gradient_norms")})
-    save_checkpoint(out / "checkpoint.pt", model, ckpt)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    from training.classify import plot_losses
-    h = metrics["history"]
-    plot_losses({cell: {"train": h["train_loss"], "val": h["val_loss"]}}, out / "loss.png",
-                f"adding problem, lag {lag}: MSE per epoch ({cell})", "MSE")
+    save_run(out, model, metrics, cfg)
     plot_gradients({f"{cell} at init": init_norms, f"{cell} trained": trained_norms},
                    out / "gradients.png", f"gradient flow, lag {lag} ({cell})")
     return metrics
