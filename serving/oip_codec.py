@@ -73,7 +73,9 @@ def decode_tensor(tensor, raw: bytes | None) -> np.ndarray:
                 f"{need} bytes ({count} x {dtype.itemsize}), but its raw_input_contents "
                 f"has {len(raw)} bytes"
             )
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        # frombuffer over bytes is read-only; runtimes (Numba specialises on
+        # read-only arrays and would compile again) get a writable copy
+        return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
     for other in _CONTENT_FIELDS:
         if other != field and len(getattr(tensor.contents, other)):
             raise InvalidArgument(

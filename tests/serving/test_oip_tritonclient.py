@@ -1,0 +1,370 @@
+"""The Open Inference Protocol through the real tritonclient[grpc] 2.73.0.
+
+A real seqserve server on 127.0.0.1:0 (in a thread with its own event loop,
+so the blocking tritonclient can call it), real exported models, and answers
+compared with an independent ONNX Runtime session on the same file.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import random
+import threading
+from functools import partial
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from protos.inference import messages as pb
+from serving.server import Server
+from serving.settings import Settings
+from training.export import build_onnx, publish
+from training.model import Checkpoint, ModelConfig, SequenceModel
+
+TOL = 1e-4
+LSTM, TOKENS = "oip-lstm", "oip-gru-tokens"
+FEATURES, HIDDEN, LAYERS, VOCAB = 2, 16, 2, 30
+
+
+def export(repo, name, config: ModelConfig, seed: int, **extra):
+    """A seeded random-weight SequenceModel exported by training.export (no training needed)."""
+    torch.manual_seed(seed)
+    model = SequenceModel(config).eval()
+    ckpt = Checkpoint(model=config.to_dict(), task={"name": "unit"}, train={}, extra=extra)
+    return publish(repo, name, build_onnx(model, ckpt).SerializeToString())
+
+
+class ServerThread:
+    """serving.server.Server on 127.0.0.1:0 in a thread with its own event loop."""
+
+    def __init__(self, repo):
+        self.settings = Settings(repo=str(repo), port=0, metrics_port=0, state_dir="",
+                                 device="cpu", grace_s=0.5)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def _call(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self):
+        self.thread.start()
+
+        async def up():
+            self.server = Server(self.settings)
+            port = await self.server.start()
+            await self.server.ready.wait()
+            return port
+
+        self.port = self._call(up())
+        self.address = f"127.0.0.1:{self.port}"
+        return self
+
+    def stop(self):
+        self._call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def oip_server(tmp_path_factory):
+    torch.set_num_threads(1)
+    repo = tmp_path_factory.mktemp("oip-repo")
+    paths = {
+        LSTM: export(repo, LSTM, ModelConfig(cell="lstm", input_size=FEATURES, hidden=HIDDEN,
+                                             layers=LAYERS, output_size=FEATURES), seed=0),
+        TOKENS: export(repo, TOKENS, ModelConfig(cell="gru", vocab_size=VOCAB, embed_dim=8,
+                                                 hidden=HIDDEN, layers=LAYERS, head="tag",
+                                                 output_size=5), seed=1),
+    }
+    server = ServerThread(repo).start()
+    server.paths = paths
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(oip_server):
+    with triton.InferenceServerClient(oip_server.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(oip_server):
+    """Whole-sequence answers from ONNX Runtime on the model files themselves."""
+    sessions = {name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                for name, path in oip_server.paths.items()}
+
+    def run(name, x, h0=None, c0=None):
+        sess = sessions[name]
+        feeds = {"x": x}
+        for i in sess.get_inputs()[1:]:
+            given = {"h0": h0, "c0": c0}[i.name]
+            feeds[i.name] = given if given is not None else \
+                np.zeros((LAYERS, x.shape[0], HIDDEN), np.float32)
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    return run
+
+
+def infer_input(name, array, datatype=None):
+    item = triton.InferInput(name, list(array.shape), datatype or triton.np_to_triton_dtype(array.dtype))
+    item.set_data_from_numpy(array)
+    return item
+
+
+def series(rng, batch, steps):
+    return rng.normal(size=(batch, steps, FEATURES)).astype(np.float32)
+
+
+# ---- health and metadata ---------------------------------------------------------
+
+
+def test_health_and_server_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(LSTM)
+    assert client.is_model_ready(LSTM, "1")
+    assert not client.is_model_ready(LSTM, "7")
+    assert not client.is_model_ready("no-such-model")
+    meta = client.get_server_metadata(as_json=True)
+    assert meta["name"] == "seqserve"
+    assert "sequence" in meta["extensions"]
+
+
+def test_model_metadata(client):
+    meta = client.get_model_metadata(LSTM, as_json=True)
+    assert meta["name"] == LSTM and meta["versions"] == ["1"]
+    assert meta["platform"] == "onnxruntime_onnx"
+    inputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]}
+    outputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
+    assert inputs == {"x": ("FP32", [-1, -1, FEATURES]),
+                      "h0": ("FP32", [LAYERS, -1, HIDDEN]), "c0": ("FP32", [LAYERS, -1, HIDDEN])}
+    assert outputs == {"y": ("FP32", [-1, -1, FEATURES]),
+                       "hn": ("FP32", [LAYERS, -1, HIDDEN]), "cn": ("FP32", [LAYERS, -1, HIDDEN])}
+    tokens = client.get_model_metadata(TOKENS, as_json=True)
+    assert [(t["name"], t["datatype"]) for t in tokens["inputs"]] == [("x", "INT64"), ("h0", "FP32")]
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("no-such-model")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    assert "unknown model 'no-such-model'" in err.value.message()
+
+
+# ---- stateless whole sequences ------------------------------------------------------
+
+
+def test_stateless_infer_equals_onnxruntime(client, reference):
+    rng = np.random.default_rng(0)
+    x = series(rng, 3, 17)
+    h0 = (0.3 * rng.normal(size=(LAYERS, 3, HIDDEN))).astype(np.float32)
+    c0 = (0.3 * rng.normal(size=(LAYERS, 3, HIDDEN))).astype(np.float32)
+    want = reference(LSTM, x, h0, c0)
+    result = client.infer(LSTM, [infer_input("x", x), infer_input("h0", h0), infer_input("c0", c0)])
+    for name in ("y", "hn", "cn"):
+        got = result.as_numpy(name)
+        assert got.shape == want[name].shape
+        np.testing.assert_allclose(got, want[name], atol=1e-5, rtol=0)
+
+    # zero initial state when h0/c0 are left out; only the requested output comes back
+    want = reference(LSTM, x)
+    result = client.infer(LSTM, [infer_input("x", x)], outputs=[triton.InferRequestedOutput("hn")])
+    assert [o.name for o in result.get_response().outputs] == ["hn"]
+    np.testing.assert_allclose(result.as_numpy("hn"), want["hn"], atol=1e-5, rtol=0)
+
+
+def test_stateless_token_model_int32_ids(client, reference):
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 9))
+    want = reference(TOKENS, ids.astype(np.int64))
+    result = client.infer(TOKENS, [infer_input("x", ids.astype(np.int32))])  # INT32 -> INT64
+    np.testing.assert_allclose(result.as_numpy("y"), want["y"], atol=1e-5, rtol=0)
+
+
+def test_typed_contents_are_accepted(oip_server, reference):
+    """Clients other than tritonclient may send typed contents instead of raw bytes."""
+    x = series(np.random.default_rng(2), 1, 6)
+    request = pb.ModelInferRequest(model_name=LSTM)
+    tensor = request.inputs.add(name="x", datatype="FP64", shape=list(x.shape))
+    tensor.contents.fp64_contents.extend(x.astype(np.float64).ravel().tolist())
+    with grpc.insecure_channel(oip_server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        response = call(request)
+    names = [o.name for o in response.outputs]
+    y = np.frombuffer(response.raw_output_contents[names.index("y")], "<f4").reshape(
+        response.outputs[names.index("y")].shape)
+    np.testing.assert_allclose(y, reference(LSTM, x)["y"], atol=1e-5, rtol=0)
+
+
+# ---- stateful sequences ----------------------------------------------------------------
+
+
+def test_100_step_sequence_through_infer(client, reference):
+    x = series(np.random.default_rng(3), 1, 100)
+    want = reference(LSTM, x)["y"][0]  # (100, F)
+    got = []
+    for t in range(100):
+        result = client.infer(LSTM, [infer_input("x", x[:, t:t + 1])], sequence_id=1001,
+                              sequence_start=t == 0, sequence_end=t == 99)
+        got.append(result.as_numpy("y")[0])
+    got = np.concatenate(got)
+    assert np.abs(got - want).max() <= TOL
+    # ended: the next step without START is refused with Triton's wording
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(LSTM, [infer_input("x", x[:, :1])], sequence_id=1001)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "must specify the START flag on the first request of the sequence" in err.value.message()
+
+
+def test_sequence_chunks_and_restart(client, reference):
+    """A request may carry several steps; START on a live sequence begins it afresh."""
+    x = series(np.random.default_rng(4), 1, 30)
+    want = reference(LSTM, x)["y"][0]
+    kw = dict(sequence_id="chunky")
+    client.infer(LSTM, [infer_input("x", x[:, :5] + 1)], sequence_start=True, **kw)  # garbage
+    first = client.infer(LSTM, [infer_input("x", x[:, :12])], sequence_start=True, **kw)
+    rest = client.infer(LSTM, [infer_input("x", x[:, 12:])], sequence_end=True, **kw)
+    got = np.concatenate([first.as_numpy("y")[0], rest.as_numpy("y")[0]])
+    assert np.abs(got - want).max() <= TOL
+    assert rest.get_response().parameters["sequence_position"].int64_param == 30
+
+
+def _stream_results(client, requests):
+    """Send (inputs, kwargs) on one stream; returns {request_id: result or error}."""
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for inputs, kwargs in requests:
+            client.async_stream_infer(**kwargs, inputs=inputs)
+        out = {}
+        for _ in requests:
+            result, error = answers.get(timeout=30)
+            if error is not None:
+                out[error.message()] = error
+            else:
+                out[result.get_response().id] = result
+        return out
+    finally:
+        client.stop_stream()
+
+
+def test_100_step_sequence_through_stream(client, reference):
+    x = series(np.random.default_rng(5), 1, 100)
+    want = reference(LSTM, x)["y"][0]
+    requests = [([infer_input("x", x[:, t:t + 1])],
+                 dict(model_name=LSTM, request_id=str(t), sequence_id="stream-seq",
+                      sequence_start=t == 0, sequence_end=t == 99)) for t in range(100)]
+    results = _stream_results(client, requests)
+    got = np.concatenate([results[str(t)].as_numpy("y")[0] for t in range(100)])
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_50_sequences_interleaved_on_one_stream(client, reference):
+    rng = np.random.default_rng(6)
+    n, steps = 50, 12
+    xs = {2000 + i: series(rng, 1, steps) for i in range(n)}
+    order = [sid for sid in xs for _ in range(steps)]
+    random.Random(6).shuffle(order)  # each sequence's steps stay in order, sequences interleave
+    taken = dict.fromkeys(xs, 0)
+    requests = []
+    for sid in order:
+        t = taken[sid]
+        taken[sid] += 1
+        requests.append(([infer_input("x", xs[sid][:, t:t + 1])],
+                         dict(model_name=LSTM, request_id=f"{sid}:{t}", sequence_id=sid,
+                              sequence_start=t == 0, sequence_end=t == steps - 1)))
+    results = _stream_results(client, requests)
+    assert len(results) == n * steps
+    for sid, x in xs.items():
+        got = np.concatenate([results[f"{sid}:{t}"].as_numpy("y")[0] for t in range(steps)])
+        assert np.abs(got - reference(LSTM, x)["y"][0]).max() <= TOL, sid
+
+
+def test_token_sequence_through_stream(client, reference):
+    ids = np.random.default_rng(7).integers(0, VOCAB, size=(1, 20)).astype(np.int64)
+    want = reference(TOKENS, ids)["y"][0]
+    requests = [([infer_input("x", ids[:, t:t + 1])],
+                 dict(model_name=TOKENS, request_id=str(t), sequence_id=77,
+                      sequence_start=t == 0, sequence_end=t == 19)) for t in range(20)]
+    results = _stream_results(client, requests)
+    got = np.concatenate([results[str(t)].as_numpy("y")[0] for t in range(20)])
+    assert np.abs(got - want).max() <= TOL
+
+
+# ---- errors that say what to fix ------------------------------------------------------------
+
+
+def _error(call):
+    with pytest.raises(InferenceServerException) as err:
+        call()
+    return err.value.status(), err.value.message()
+
+
+def test_errors_tell_the_user_what_to_fix(client, oip_server):
+    x = np.zeros((1, 1, FEATURES), np.float32)
+    status, message = _error(lambda: client.infer(LSTM, [infer_input("x", x)], sequence_id=424242))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+    assert (f"inference request for sequence 424242 to model '{LSTM}' must specify the START flag "
+            "on the first request of the sequence") in message
+
+    status, message = _error(lambda: client.infer(LSTM, [infer_input("x", x.astype(np.int64))]))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+    assert f"input 'x' of model '{LSTM}' has datatype FP32" in message and "got INT64" in message
+
+    status, message = _error(lambda: client.infer(LSTM, [infer_input("x", np.zeros((1, 5), np.float32))]))
+    assert status == "StatusCode.INVALID_ARGUMENT"
+    assert f"must have shape [-1, -1, {FEATURES}] (batch, time, features" in message
+    assert "got [1, 5]" in message
+
+    status, message = _error(lambda: client.infer("no-such-model", [infer_input("x", x)]))
+    assert status == "StatusCode.NOT_FOUND" and "unknown model 'no-such-model'" in message
+
+    status, message = _error(lambda: client.infer(
+        LSTM, [infer_input("x", x)], sequence_id=5, outputs=[triton.InferRequestedOutput("hn")]))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "cannot return output 'hn'" in message
+
+    status, message = _error(lambda: client.infer(
+        LSTM, [infer_input("x", np.zeros((2, 1, FEATURES), np.float32))], sequence_id=6,
+        sequence_start=True))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "must have batch 1" in message
+
+    # byte length that does not fit the declared shape: tritonclient refuses to
+    # build such a request, so send it raw
+    request = pb.ModelInferRequest(model_name=LSTM)
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2, FEATURES])
+    request.raw_input_contents.append(b"\0" * 4 * FEATURES)
+    with grpc.insecure_channel(oip_server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    need = 2 * FEATURES * 4
+    assert (f"input 'x': shape [1, 2, {FEATURES}] of FP32 needs {need} bytes "
+            f"({2 * FEATURES} x 4), but its raw_input_contents has {need // 2} bytes") in err.value.details()
+
+
+def test_bad_requests_do_not_end_the_stream(client, reference):
+    x = series(np.random.default_rng(8), 1, 3)
+    ok = partial(dict, model_name=LSTM, sequence_id="survivor")
+    requests = [
+        ([infer_input("x", x[:, :1])], ok(request_id="a", sequence_start=True)),
+        ([infer_input("x", x[:, :1])], dict(model_name=LSTM, request_id="b", sequence_id=31337)),
+        ([infer_input("x", x[:, 1:2].astype(np.int64))], dict(model_name=LSTM, request_id="c")),
+        ([infer_input("x", x[:, :1])], dict(model_name="nope", request_id="d")),
+        ([infer_input("x", x[:, 1:2])], ok(request_id="e")),
+        ([infer_input("x", x[:, 2:3])], ok(request_id="f", sequence_end=True)),
+    ]
+    results = _stream_results(client, requests)
+    errors = {k: v for k, v in results.items() if k.startswith("[request id:")}
+    assert len(errors) == 3
+    assert any(k.startswith("[request id: b]") and "START flag" in k for k in errors)
+    assert any(k.startswith("[request id: c]") and "datatype FP32" in k for k in errors)
+    assert any(k.startswith("[request id: d]") and "unknown model 'nope'" in k for k in errors)
+    got = np.concatenate([results[i].as_numpy("y")[0] for i in "aef"])
+    assert np.abs(got - reference(LSTM, x)["y"][0]).max() <= TOL
