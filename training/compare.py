@@ -48,6 +48,7 @@ def parse_args(argv):
     p.add_argument("--steps-per-epoch", type=int, default=None, help="adding: batches per epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-export", action="store_true",
                    help="skip the ONNX export and the served-cell latency column")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -353,6 +354,8 @@ def _jsonable(results):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = compare_adding(args) if args.task == "adding" else compare_text(args)
     wall = time.perf_counter() - t0
