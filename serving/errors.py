@@ -1,0 +1,139 @@
+"""Domain errors and the one place where they become gRPC statuses.
+
+Runtime code raises these without importing grpc: each carries the NAME of
+its status code. The decorators `unary` and `stream` wrap servicer methods:
+a ServingError becomes `context.abort(code, message)`; anything unexpected
+becomes INTERNAL with a log line, so no request can kill the server.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("seqserve.errors")
+
+
+class ServingError(Exception):
+    """An error meant for the caller; `code` is a grpc.StatusCode name."""
+
+    code = "UNKNOWN"
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidArgument(ServingError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServingError):
+    code = "NOT_FOUND"
+
+
+class FailedPrecondition(ServingError):
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(ServingError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(ServingError):
+    code = "UNAVAILABLE"
+
+
+class Aborted(ServingError):
+    code = "ABORTED"
+
+
+class Unauthenticated(ServingError):
+    code = "UNAUTHENTICATED"
+
+
+class Internal(ServingError):
+    code = "INTERNAL"
+
+
+def status_code(code: str):
+    """grpc.StatusCode for a code name (grpc imported here, not at module top)."""
+    import grpc
+
+    return grpc.StatusCode[code]
+
+
+def status_number(code: str) -> int:
+    """The wire number of a status code name (OK=0, INVALID_ARGUMENT=3, ...)."""
+    return status_code(code).value[0]
+
+
+def classify(exc: BaseException, where: str) -> tuple[str, str]:
+    """(code name, message) for any exception; logs the unexpected ones."""
+    if isinstance(exc, ServingError):
+        return exc.code, exc.message
+    log.exception("unexpected error in %s", where, exc_info=exc)
+    return "INTERNAL", f"internal error in {where}: {type(exc).__name__}: {exc}"
+
+
+def _observe(method: str, code: str) -> None:
+    # metrics is optional for callers that only want the error mapping
+    from serving import metrics
+
+    metrics.observe_request(method, code)
+
+
+def unary(method: str):
+    """Decorator for unary-unary async servicer methods."""
+
+    def wrap(fn):
+        from grpc.aio import AbortError
+
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            try:
+                reply = await fn(self, request, context)
+            except AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the point of this decorator
+                code, message = classify(exc, method)
+                _observe(method, code)
+                await context.abort(status_code(code), message)
+            _observe(method, "OK")
+            return reply
+
+        return handler
+
+    return wrap
+
+
+def stream(method: str):
+    """Decorator for stream-stream async generator servicer methods.
+
+    Errors the generator raises end the stream with their status; per-message
+    errors that must not end it are the servicer's own business.
+    """
+
+    def wrap(fn):
+        from grpc.aio import AbortError
+
+        @functools.wraps(fn)
+        async def handler(self, request_iterator, context):
+            try:
+                async for reply in fn(self, request_iterator, context):
+                    yield reply
+            except AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                code, message = classify(exc, method)
+                _observe(method, code)
+                await context.abort(status_code(code), message)
+            _observe(method, "OK")
+
+        return handler
+
+    return wrap

@@ -1,0 +1,97 @@
+"""Prometheus metrics (served on --metrics-port).
+
+Metric objects live at module level: one process, one set, whichever server
+instances it starts (tests start several). Gauges that describe live state
+(sessions, snapshot age) are read at scrape time from the attached server.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+REQUESTS = Counter("seqserve_requests_total", "RPCs (stream: steps) by method and status code",
+                   ["method", "code"])
+STEP_LATENCY = Histogram(
+    "seqserve_step_latency_seconds", "Server-side time per step request, arrival to reply",
+    ["method"],
+    buckets=(25e-6, 50e-6, 100e-6, 200e-6, 400e-6, 800e-6, 1.6e-3, 3.2e-3, 6.4e-3, 12.8e-3,
+             25.6e-3, 51.2e-3, 0.1, 0.2, 0.5, 1.0))
+BATCH_SIZE = Histogram("seqserve_batch_size", "Sessions per cell.step call", ["model"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+EVICTIONS = Counter("seqserve_session_evictions_total", "Sessions freed for being idle", ["model"])
+
+_requests: dict = {}
+_latency: dict = {}
+
+
+def observe_request(method: str, code: str) -> None:
+    child = _requests.get((method, code))
+    if child is None:
+        child = _requests[(method, code)] = REQUESTS.labels(method, code)
+    child.inc()
+
+
+def latency(method: str):
+    """A bound histogram child: `.observe(seconds)` on the hot path."""
+    child = _latency.get(method)
+    if child is None:
+        child = _latency[method] = STEP_LATENCY.labels(method)
+    return child
+
+
+class SessionObserver:
+    """What the SessionManager reports: batch sizes and evictions."""
+
+    def __init__(self):
+        self._batch = {}
+
+    def batch(self, model: str, size: int) -> None:
+        child = self._batch.get(model)
+        if child is None:
+            child = self._batch[model] = BATCH_SIZE.labels(model)
+        child.observe(size)
+
+    def evicted(self, model: str, n: int) -> None:
+        EVICTIONS.labels(model).inc(n)
+
+
+class _LiveCollector:
+    """Live sessions per model and snapshot age, read at scrape time."""
+
+    def __init__(self):
+        self.server = None
+
+    def collect(self):
+        server = self.server() if self.server is not None else None
+        live = GaugeMetricFamily("seqserve_live_sessions", "Live sessions", labels=["model"])
+        age = GaugeMetricFamily("seqserve_snapshot_age_seconds",
+                                "Seconds since the last session snapshot (-1: none yet)")
+        if server is not None and server.sessions is not None:
+            for name, ms in list(server.sessions.models.items()):
+                live.add_metric([name], len(ms.table))
+            last = server.last_snapshot
+            age.add_metric([], time.time() - last if last else -1.0)
+        yield live
+        yield age
+
+
+_COLLECTOR = _LiveCollector()
+REGISTRY.register(_COLLECTOR)
+
+
+def attach(server) -> None:
+    """Report this server's live state (the last attached wins)."""
+    _COLLECTOR.server = weakref.ref(server)
+
+
+def start_http(port: int, host: str):
+    """Serve /metrics; returns the HTTP server (call .shutdown() to stop) or None."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    httpd, _thread = start_http_server(port, addr=host)
+    return httpd

@@ -1,0 +1,208 @@
+"""The native service, seqserve.v1.Inference: thin message <-> runtime glue.
+
+Each method converts the request, calls the registry / session manager, and
+converts back; errors become statuses in serving.errors' decorators. In
+StreamSteps a failed step comes back as that step's `code`/`error` and the
+stream goes on, so one bad device behind a gateway does not cut the others.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+
+from protos.seqserve.v1 import inference_pb2 as pb
+from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
+from serving import errors, metrics
+from serving.errors import InvalidArgument
+from serving.runtime.registry import Registry
+from serving.runtime.sessions import SessionManager
+from serving.tensors import from_array, step_input, to_array
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+# Predict inputs larger than this run in a worker thread (ORT releases the
+# GIL), so one big batch does not stall every stream on the event loop.
+_INLINE_PREDICT_VALUES = 1 << 14
+
+_OK = 0
+
+
+def sequence_of(request):
+    """The request's sequence_id (int) or sequence_key (str); None if unset."""
+    which = request.WhichOneof("sequence")
+    return getattr(request, which) if which else None
+
+
+def tenant_of(context) -> str:
+    """Tenant of the caller ("" until authentication names one)."""
+    return ""
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, registry: Registry, sessions: SessionManager):
+        self.registry = registry
+        self.sessions = sessions
+        self._step_latency = metrics.latency("Step")
+        self._stream_latency = metrics.latency("StreamSteps")
+
+    # ---- models ------------------------------------------------------------------
+
+    @errors.unary("ListModels")
+    async def ListModels(self, request, context):
+        if not self.registry.ready:
+            raise errors.Unavailable("models are still loading; retry shortly")
+        out = pb.ListModelsResponse()
+        for m in self.registry:
+            out.models.add(name=m.name, version=m.version, available_versions=m.available_versions,
+                           task=m.info.task, cell=m.info.cell, can_stream=m.cell is not None,
+                           ready=True)
+        return out
+
+    @errors.unary("ModelMetadata")
+    async def ModelMetadata(self, request, context):
+        m = self.registry.get(request.model, request.version or None)
+        i = m.info
+        meta = {k: v for k, v in vars(i).items() if k not in ("vocab", "path")}
+        return pb.ModelMetadataResponse(
+            name=i.name, version=i.version, task=i.task, cell=i.cell, layers=i.layers,
+            hidden=i.hidden, directions=i.directions, input_kind=i.input_kind,
+            input_features=i.input_features, output_kind=i.output_kind, output_size=i.output_size,
+            output_names=[str(n) for n in i.output_names or []],
+            labels=[str(n) for n in i.labels or []], can_stream=m.cell is not None,
+            accepts_text=m.tokenizer is not None, content_hash=i.content_hash,
+            ort_provider=m.ort.provider, cell_device=m.cell_device,
+            metadata_json=json.dumps(meta, default=str), vocab=list(i.vocab or []))
+
+    # ---- stateless -------------------------------------------------------------------
+
+    @errors.unary("Predict")
+    async def Predict(self, request, context):
+        m = self.registry.get(request.model, request.version or None)
+        if request.text:
+            return await self._predict_text(m, request)
+        if not request.HasField("x"):
+            raise InvalidArgument("Predict needs x (or text for a text model)")
+        x = to_array(request.x, "x")
+        h0 = to_array(request.h0, "h0") if request.HasField("h0") else None
+        c0 = to_array(request.c0, "c0") if request.HasField("c0") else None
+        if x.size > _INLINE_PREDICT_VALUES:
+            out = await asyncio.to_thread(m.ort.predict, x, h0, c0)
+        else:
+            out = m.ort.predict(x, h0, c0)
+        reply = pb.PredictResponse(model=m.name, version=m.version, y=from_array(out["y"]),
+                                   hn=from_array(out["hn"]))
+        if "cn" in out:
+            reply.cn.CopyFrom(from_array(out["cn"]))
+        return reply
+
+    async def _predict_text(self, m, request):
+        if request.HasField("x"):
+            raise InvalidArgument("send either x or text, not both")
+        ids = [m.encode_text(t) for t in request.text]
+        # rows run one by one: padding would change a row's final state
+        outs = [m.ort.predict(row[None]) for row in ids]
+        lengths = [len(row) for row in ids]
+        T = max(lengths)
+        y = np.zeros((len(ids), T, m.info.output_size), np.float32)  # (B, T, out), zero padded
+        for b, o in enumerate(outs):
+            y[b, : lengths[b]] = o["y"][0]
+        reply = pb.PredictResponse(model=m.name, version=m.version, y=from_array(y),
+                                   hn=from_array(np.concatenate([o["hn"] for o in outs], axis=1)),
+                                   lengths=lengths)
+        if "cn" in outs[0]:
+            reply.cn.CopyFrom(from_array(np.concatenate([o["cn"] for o in outs], axis=1)))
+        return reply
+
+    # ---- sessions ----------------------------------------------------------------------
+
+    def _step_x(self, s: pb.StepRequest):
+        """(model, version, sequence, x, start, end) for the session manager."""
+        m = self.registry.get(s.model, s.version or None)
+        if s.text:
+            if s.HasField("x"):
+                raise InvalidArgument("send either x or text, not both")
+            x = m.encode_text(s.text)
+        else:
+            if not s.HasField("x"):
+                raise InvalidArgument("a step needs x (or text for a text model)")
+            x = step_input(s.x, m.info.input_features, m.info.input_kind == "tokens")
+        return m.name, s.version or None, sequence_of(s), x, s.start, s.end
+
+    @errors.unary("Step")
+    async def Step(self, request, context):
+        t0 = time.perf_counter()
+        model, version, seq, x, start, end = self._step_x(request)
+        y, pos = await self.sessions.step_with_position(
+            model, version, seq, x, start=start, end=end, tenant=tenant_of(context))
+        reply = pb.StepResponse(y=from_array(y), position=pos)
+        self._step_latency.observe(time.perf_counter() - t0)
+        return reply
+
+    @errors.stream("StreamSteps")
+    async def StreamSteps(self, request_iterator, context):
+        tenant = tenant_of(context)
+        sessions = self.sessions
+        latency = self._stream_latency
+        async for message in request_iterator:
+            t0 = time.perf_counter()
+            steps = message.steps
+            if len(steps) == 1:  # the common case, without step_many's lists
+                try:
+                    model, version, seq, x, start, end = self._step_x(steps[0])
+                    y, pos = await sessions.step_with_position(
+                        model, version, seq, x, start=start, end=end, tenant=tenant)
+                    result = pb.StepResponse(y=from_array(y), position=pos)
+                except Exception as exc:  # noqa: BLE001 - reported on this step only
+                    result = _error_result(exc)
+                reply = pb.StreamStepsResponse(results=[result])
+            else:
+                reply = await self._step_many(steps, tenant)
+            latency.observe(time.perf_counter() - t0)
+            yield reply
+
+    async def _step_many(self, steps, tenant):
+        requests, results = [], [None] * len(steps)
+        index = []
+        for i, s in enumerate(steps):
+            try:
+                model, version, seq, x, start, end = self._step_x(s)
+            except Exception as exc:  # noqa: BLE001
+                results[i] = _error_result(exc)
+                continue
+            requests.append((model, version, seq, x, start, end, tenant))
+            index.append(i)
+        if requests:
+            done = await self.sessions.step_many(requests)
+            for i, res in zip(index, done):
+                if isinstance(res, BaseException):
+                    results[i] = _error_result(res)
+                else:
+                    y, pos = res
+                    results[i] = pb.StepResponse(y=from_array(y), position=pos)
+        return pb.StreamStepsResponse(results=results)
+
+    @errors.unary("Rollout")
+    async def Rollout(self, request, context):
+        m = self.registry.get(request.model, request.version or None)
+        x = None
+        if request.HasField("x"):
+            x = step_input(request.x, m.info.input_features, m.info.input_kind == "tokens")
+        y, pos = await self.sessions.rollout(
+            m.name, request.version or None, sequence_of(request), int(request.steps), x,
+            commit=request.commit, tenant=tenant_of(context))
+        return pb.RolloutResponse(y=from_array(y), position=pos)
+
+    @errors.unary("EndSession")
+    async def EndSession(self, request, context):
+        pos = await self.sessions.end(request.model, request.version or None,
+                                      sequence_of(request), tenant=tenant_of(context))
+        return pb.EndSessionResponse(position=pos)
+
+
+def _error_result(exc: BaseException) -> pb.StepResponse:
+    code, message = errors.classify(exc, "StreamSteps")
+    metrics.observe_request("StreamSteps.step", code)
+    return pb.StepResponse(code=errors.status_number(code), error=message)

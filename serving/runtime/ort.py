@@ -1,0 +1,66 @@
+"""OrtModel: a batch of whole sequences through ONNX Runtime.
+
+The session asks for CUDA first and falls back to CPU; `provider` is what
+ONNX Runtime really uses (onnxruntime-gpu lists CUDA even where no GPU is).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from seqserve.artifact import ModelInfo
+from serving.runtime.inputs import check_batch, check_state
+
+log = logging.getLogger("seqserve.ort")
+
+WANTED_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OrtModel:
+    def __init__(self, path: str | Path, info: ModelInfo, *, device: str = "auto",
+                 max_steps: int = 1 << 30, threads: int = 0):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # the CUDA fallback warning is reported below, once
+        if threads:
+            opts.intra_op_num_threads = threads
+        wanted = ["CPUExecutionProvider"] if device == "cpu" else WANTED_PROVIDERS
+        available = ort.get_available_providers()
+        providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
+        self.info = info
+        self.max_steps = max_steps
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        log.info("model %s v%s: ONNX Runtime on %s (asked %s)", info.name, info.version,
+                 self.provider, providers)
+
+    @property
+    def state_rows(self) -> int:
+        return self.info.layers * self.info.directions
+
+    def predict(self, x: np.ndarray, h0: np.ndarray | None = None,
+                c0: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """x (B, T, F) float32 | (B, T) int64 -> {"y": (B, T, out), "hn", "cn"?}.
+
+        A missing initial state is zeros (what the model was trained with).
+        """
+        x = check_batch(self.info, np.asarray(x), self.max_steps)
+        B = x.shape[0]
+        h0 = check_state(self.info, None if h0 is None else np.asarray(h0), B, "h0")
+        c0 = check_state(self.info, None if c0 is None else np.asarray(c0), B, "c0")
+        if c0 is not None and not self.info.has_cell_state:
+            from serving.errors import InvalidArgument
+            raise InvalidArgument(f"model {self.info.name!r} is a {self.info.cell} and has no c0")
+        zeros = (self.state_rows, B, self.info.hidden)
+        feeds = {"x": x}
+        if "h0" in self.input_names:
+            feeds["h0"] = h0 if h0 is not None else np.zeros(zeros, np.float32)
+        if "c0" in self.input_names:
+            feeds["c0"] = c0 if c0 is not None else np.zeros(zeros, np.float32)
+        values = self.session.run(None, feeds)
+        return dict(zip(self.output_names, values))

@@ -1,0 +1,468 @@
+"""SessionManager: live streaming sessions, shared by every protocol.
+
+A session is named by (tenant, sequence_id) per model and owns one slot of
+the model's Numba cell, which keeps its recurrent state. Semantics follow
+Triton's sequence extension:
+  start=True   creates the session, or restarts a live one with fresh state
+  no start     on an unknown id is refused (INVALID_ARGUMENT, "set start")
+  end=True     frees the session after that step
+  idle         sessions untouched for `idle_s` are freed by `sweep()`
+  capacity     at `max_sessions` live sessions a new start is RESOURCE_EXHAUSTED
+
+Ordering and batching. Bookkeeping (create, restart, end, capacity) happens
+when a call arrives, in arrival order, on the event loop. The steps
+themselves queue per model; the first arrival schedules a flush with
+`loop.call_soon`, so every step that arrives in the same loop iteration
+(other streams, other sessions of a multiplexed message) runs in ONE
+`cell.step` call, while a lone step runs on the very next iteration: no
+timer, no added latency. A flush runs rounds: each round takes at most one
+item per session, so a session's steps run in the order they arrived.
+The cell runs inline on the event loop: a step costs ~10 us, far less than
+a thread hop would.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from serving.runtime.inputs import check_steps
+from serving.runtime.registry import LoadedModel, Registry
+
+log = logging.getLogger("seqserve.sessions")
+
+_NO_SLOT = np.zeros(0, np.int64)
+
+
+def session_key(sequence_id, tenant: str = ""):
+    """The dict key of a session: the id alone, or (tenant, id) for a tenant."""
+    if sequence_id is None or sequence_id == 0 or sequence_id == "" or isinstance(sequence_id, bool):
+        raise InvalidArgument("sequence_id must be a non-zero integer or a non-empty string")
+    if not isinstance(sequence_id, (int, str)):
+        raise InvalidArgument(f"sequence_id must be an integer or a string, got {type(sequence_id).__name__}")
+    return (tenant, sequence_id) if tenant else sequence_id
+
+
+def key_parts(key) -> tuple[str, int | str]:
+    """(tenant, sequence_id) of a session key."""
+    return key if isinstance(key, tuple) else ("", key)
+
+
+class _Call:
+    """One caller waiting for the results of its items (one or many)."""
+
+    __slots__ = ("future", "left", "results")
+
+    def __init__(self, future, n):
+        self.future = future
+        self.left = n
+        self.results = [None] * n
+
+
+class _Item:
+    """One unit of queued work for one session slot.
+
+    x: steps to run ((1, F) / (1,) go to the batched single-step path);
+    fn: instead of steps, a callable fn(model_sessions, slot) run in order.
+    """
+
+    __slots__ = ("slot", "x", "fn", "restart", "free", "call", "index")
+
+    def __init__(self, slot, x, fn, restart, free, call, index):
+        self.slot = slot
+        self.x = x
+        self.fn = fn
+        self.restart = restart
+        self.free = free
+        self.call = call
+        self.index = index
+
+
+class ModelSessions:
+    """The sessions of one model: key -> slot, plus per-slot bookkeeping arrays."""
+
+    def __init__(self, model: LoadedModel, max_sessions: int):
+        self.model = model
+        self.info = model.info
+        self.cell = model.require_cell()
+        self.max_sessions = max_sessions
+        self.table: dict = {}  # key -> slot
+        cap = int(self.cell.capacity)
+        self.keys: list = [None] * cap  # slot -> key, None when free
+        self.free: list[int] = list(range(cap - 1, -1, -1))  # pop() hands out slot 0 first
+        # Per-slot bookkeeping kept in arrays, not objects: 100k sessions stay small.
+        self.position = np.zeros(cap, np.int64)
+        self.last_used = np.zeros(cap, np.float64)
+        self.last_y = np.zeros((cap, self.info.output_size), np.float32)
+        self.pending: list[_Item] = []
+        self.scheduled = False
+        self.tokens = self.info.input_kind == "tokens"
+
+    @property
+    def capacity(self) -> int:
+        return len(self.keys)
+
+    def _grow(self) -> None:
+        # grow by a quarter (at least 1024 slots): doubling would overshoot
+        # large session counts by up to 2x in memory.
+        old = self.capacity
+        new = old + max(1024, old // 4)
+        self.cell.grow(new)
+        new = int(self.cell.capacity)
+        self.keys.extend([None] * (new - old))
+        self.free[:0] = range(new - 1, old - 1, -1)  # new slots at the bottom of the stack
+        self.position = np.concatenate([self.position, np.zeros(new - old, np.int64)])
+        self.last_used = np.concatenate([self.last_used, np.zeros(new - old, np.float64)])
+        self.last_y = np.concatenate(
+            [self.last_y, np.zeros((new - old, self.info.output_size), np.float32)])
+        log.info("model %s: session capacity %d -> %d", self.info.name, old, new)
+
+    def allocate(self, key) -> int:
+        if len(self.table) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"model {self.info.name!r} has {len(self.table)} live sessions, the limit "
+                f"(--max-sessions); end sessions or wait for idle ones to expire")
+        if not self.free:
+            self._grow()
+        slot = self.free.pop()
+        # A fresh slot is reset here, not at run time, so a session whose
+        # first step is dropped never sees a previous occupant's state.
+        self.cell.reset(slot)
+        self.position[slot] = 0
+        self.last_y[slot] = 0.0
+        self.table[key] = slot
+        self.keys[slot] = key
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.keys[slot] = None
+        self.free.append(slot)
+
+    def live_slots(self) -> np.ndarray:
+        return np.fromiter(self.table.values(), np.int64, len(self.table))
+
+
+class SessionManager:
+    """All models' sessions; every protocol's stateful calls go through here."""
+
+    def __init__(self, registry: Registry, *, max_sessions: int = 200_000,
+                 idle_s: float = 300.0, max_steps: int = 4096, observer=None):
+        self.registry = registry
+        self.max_sessions = max_sessions
+        self.idle_s = idle_s
+        self.max_steps = max_steps
+        self.observer = observer  # optional: .batch(model, size), .evicted(model, n)
+        self.closing = False
+        self.models: dict[str, ModelSessions] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Pick up the registry's models (call after it has loaded)."""
+        for m in self.registry:
+            if m.cell is not None and m.name not in self.models:
+                self.models[m.name] = ModelSessions(m, self.max_sessions)
+
+    # ---- lookup -------------------------------------------------------------
+
+    def model_sessions(self, model: str, version: int | None = None) -> ModelSessions:
+        m = self.registry.get(model, version)  # NotFound for unknown model/version
+        ms = self.models.get(m.name)
+        if ms is None:
+            m.require_cell()  # raises FailedPrecondition with the reason
+            raise FailedPrecondition(f"model {model!r} has no streaming cell")
+        return ms
+
+    def live(self, model: str) -> int:
+        ms = self.models.get(model)
+        return len(ms.table) if ms else 0
+
+    def position(self, model: str, sequence_id, tenant: str = "") -> int:
+        ms = self.model_sessions(model)
+        slot = self._slot(ms, session_key(sequence_id, tenant), sequence_id)
+        return int(ms.position[slot])
+
+    def _slot(self, ms: ModelSessions, key, sequence_id) -> int:
+        slot = ms.table.get(key)
+        if slot is None:
+            raise InvalidArgument(
+                f"unknown session {sequence_id!r} for model {ms.info.name!r}: set start=true on "
+                f"the first step of a session (it may also have ended or expired)")
+        return slot
+
+    # ---- admission (runs at arrival, in arrival order) ------------------------
+
+    def _admit(self, ms: ModelSessions, sequence_id, x, start, end, tenant, call, index):
+        if self.closing:
+            raise Unavailable("server is shutting down; retry on another replica or after restart")
+        x = check_steps(ms.info, x, self.max_steps)
+        key = session_key(sequence_id, tenant)
+        slot = ms.table.get(key)
+        restart = False
+        if start:
+            if slot is None:
+                slot = ms.allocate(key)
+            else:
+                restart = True
+        elif slot is None:
+            self._slot(ms, key, sequence_id)  # raises the "set start" error
+        if end:
+            del ms.table[key]  # the slot itself is released after this step runs
+        ms.last_used[slot] = time.monotonic()
+        self._enqueue(ms, _Item(slot, x, None, restart, end, call, index))
+
+    def _enqueue(self, ms: ModelSessions, item: _Item) -> None:
+        ms.pending.append(item)
+        if not ms.scheduled:
+            ms.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, ms)
+
+    # ---- public API -------------------------------------------------------------
+
+    async def step(self, model: str, version: int | None, sequence_id, x: np.ndarray, *,
+                   start: bool = False, end: bool = False, tenant: str = "") -> np.ndarray:
+        """One session's next step(s): x (T, F) float32 | (T,) int64 -> y (T, out)."""
+        return (await self.step_with_position(model, version, sequence_id, x,
+                                              start=start, end=end, tenant=tenant))[0]
+
+    async def step_with_position(self, model, version, sequence_id, x, *, start=False,
+                                 end=False, tenant="") -> tuple[np.ndarray, int]:
+        """Like step(), also returning the session's position after the step."""
+        ms = self.model_sessions(model, version)
+        call = _Call(asyncio.get_running_loop().create_future(), 1)
+        self._admit(ms, sequence_id, x, start, end, tenant, call, 0)
+        await call.future
+        res = call.results[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    async def step_many(self, requests) -> list:
+        """Steps for many sessions at once (a multiplexed stream message).
+
+        requests: iterable of (model, version, sequence_id, x, start, end, tenant).
+        Returns, in order, (y, position) per request or the ServingError that
+        refused it: one bad request does not affect the others.
+        """
+        requests = list(requests)
+        call = _Call(asyncio.get_running_loop().create_future(), len(requests))
+        admitted = 0
+        for i, (model, version, sequence_id, x, start, end, tenant) in enumerate(requests):
+            try:
+                ms = self.model_sessions(model, version)
+                self._admit(ms, sequence_id, x, start, end, tenant, call, i)
+                admitted += 1
+            except Exception as exc:  # noqa: BLE001 - reported per request
+                call.results[i] = exc
+        # Refused requests never run: count only the admitted ones (safe now,
+        # since queued items run on a later loop iteration, not before this).
+        call.left = admitted
+        if admitted:
+            await call.future
+        return call.results
+
+    async def end(self, model: str, version: int | None, sequence_id, tenant: str = "") -> int:
+        """Free a session after its queued steps; returns the steps it had taken."""
+        ms = self.model_sessions(model, version)
+        key = session_key(sequence_id, tenant)
+        slot = self._slot(ms, key, sequence_id)
+        del ms.table[key]
+        return await self._run_in_order(ms, slot, lambda ms_, s: int(ms_.position[s]), free=True)
+
+    async def rollout(self, model: str, version: int | None, sequence_id, steps: int,
+                      x: np.ndarray | None = None, *, commit: bool = False,
+                      tenant: str = "") -> tuple[np.ndarray, int]:
+        """Closed loop: `steps` steps from the session's state, feeding outputs back.
+
+        Returns (y (steps, out), position). The session is left untouched
+        unless commit=True. First input: x (one step) or the last output.
+        """
+        if self.closing:
+            raise Unavailable("server is shutting down")
+        ms = self.model_sessions(model, version)
+        info = ms.info
+        lm = info.output_kind == "lm"
+        if not lm and not (info.output_kind == "regression" and info.output_size == info.input_features):
+            raise FailedPrecondition(
+                f"model {info.name!r} ({info.output_kind}, {info.output_size} outputs for "
+                f"{info.input_features} input features) cannot feed its output back as input")
+        if not 0 < steps <= self.max_steps:
+            raise InvalidArgument(f"rollout steps must be in 1..{self.max_steps}, got {steps}")
+        first = None
+        if x is not None and np.asarray(x).size:
+            first = check_steps(info, np.asarray(x), self.max_steps)
+            if first.shape[0] != 1:
+                raise InvalidArgument(f"rollout x must be one step, got {first.shape[0]}")
+        key = session_key(sequence_id, tenant)
+        slot = self._slot(ms, key, sequence_id)
+        ms.last_used[slot] = time.monotonic()
+
+        def run(ms_, src):
+            return _closed_loop(ms_, src, steps, first, commit, lm)
+
+        return await self._run_in_order(ms, slot, run)
+
+    async def read(self, model: str, sequence_id, tenant: str = "") -> dict:
+        """A copy of a session's state: {"h", "c"?, "position", "last_y"}."""
+        ms = self.model_sessions(model)
+        slot = self._slot(ms, session_key(sequence_id, tenant), sequence_id)
+
+        def run(ms_, s):
+            out = {k: np.array(v) for k, v in ms_.cell.read(s).items() if v is not None}
+            out["position"] = int(ms_.position[s])
+            out["last_y"] = ms_.last_y[s].copy()
+            return out
+
+        return await self._run_in_order(ms, slot, run)
+
+    async def _run_in_order(self, ms, slot, fn, free=False):
+        call = _Call(asyncio.get_running_loop().create_future(), 1)
+        self._enqueue(ms, _Item(slot, None, fn, False, free, call, 0))
+        await call.future
+        res = call.results[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    # ---- execution ----------------------------------------------------------------
+
+    def _flush(self, ms: ModelSessions) -> None:
+        ms.scheduled = False
+        items, ms.pending = ms.pending, []
+        while items:
+            seen, now, later = set(), [], []
+            for it in items:
+                if it.slot in seen:
+                    later.append(it)
+                else:
+                    seen.add(it.slot)
+                    now.append(it)
+            self._run_round(ms, now)
+            items = later
+
+    def _run_round(self, ms: ModelSessions, items: list[_Item]) -> None:
+        singles = []
+        for it in items:
+            if it.call.future.done():  # caller gone (cancelled): drop before it runs
+                if it.free:
+                    ms.release(it.slot)
+                continue
+            if it.restart:
+                ms.cell.reset(it.slot)
+                ms.position[it.slot] = 0
+                ms.last_y[it.slot] = 0.0
+            if it.fn is None and it.x.shape[0] == 1:
+                singles.append(it)
+                continue
+            try:
+                if it.fn is not None:
+                    res = it.fn(ms, it.slot)
+                else:
+                    y = ms.cell.step_chunk(it.x[None], np.array([it.slot], np.int64))[0]  # (T, out)
+                    ms.position[it.slot] += it.x.shape[0]
+                    ms.last_y[it.slot] = y[-1]
+                    res = (y, int(ms.position[it.slot]))
+            except Exception as exc:  # noqa: BLE001 - goes to that caller only
+                res = exc
+            self._done(ms, it, res)
+        if singles:
+            self._run_singles(ms, singles)
+
+    def _run_singles(self, ms: ModelSessions, items: list[_Item]) -> None:
+        n = len(items)
+        if n == 1:
+            it = items[0]
+            slots = np.array([it.slot], np.int64)
+            x = it.x  # (1, F) | (1,)
+        else:
+            slots = np.fromiter((it.slot for it in items), np.int64, n)
+            x = np.concatenate([it.x for it in items])  # (B, F) | (B,)
+        try:
+            y = ms.cell.step(x, slots)  # (B, out)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("cell step failed for model %s", ms.info.name)
+            for it in items:
+                self._done(ms, it, exc)
+            return
+        ms.position[slots] += 1
+        ms.last_y[slots] = y
+        if self.observer is not None:
+            self.observer.batch(ms.info.name, n)
+        pos = ms.position
+        for i, it in enumerate(items):
+            self._done(ms, it, (y[i:i + 1], int(pos[it.slot])))
+
+    @staticmethod
+    def _done(ms: ModelSessions, it: _Item, res) -> None:
+        if it.free:
+            ms.release(it.slot)
+        call = it.call
+        call.results[it.index] = res
+        call.left -= 1
+        if call.left <= 0 and not call.future.done():
+            call.future.set_result(None)
+
+    # ---- housekeeping ---------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> int:
+        """Free sessions idle for longer than idle_s; returns how many."""
+        now = time.monotonic() if now is None else now
+        cutoff = now - self.idle_s
+        total = 0
+        for ms in self.models.values():
+            if not ms.table:
+                continue
+            slots = ms.live_slots()
+            stale = slots[ms.last_used[slots] < cutoff]
+            for slot in stale.tolist():
+                key = ms.keys[slot]
+                if ms.table.get(key) == slot:
+                    del ms.table[key]
+                    ms.release(slot)
+            if len(stale):
+                total += len(stale)
+                log.info("model %s: %d idle sessions expired", ms.info.name, len(stale))
+                if self.observer is not None:
+                    self.observer.evicted(ms.info.name, len(stale))
+        return total
+
+    def close(self) -> None:
+        """Refuse new work from now on (UNAVAILABLE)."""
+        self.closing = True
+
+    async def drain(self) -> None:
+        """Wait until every queued step has run."""
+        while any(ms.pending or ms.scheduled for ms in self.models.values()):
+            await asyncio.sleep(0)
+
+
+def _closed_loop(ms: ModelSessions, src: int, steps: int, first, commit: bool, lm: bool):
+    """Run `steps` steps on a scratch slot copied from `src`; see rollout()."""
+    cell = ms.cell
+    if first is None:
+        if ms.position[src] == 0:
+            raise FailedPrecondition("the session has taken no step yet: send x, the first input")
+        prev = ms.last_y[src][None]  # (1, out)
+        x = np.argmax(prev, axis=1).astype(np.int64) if lm else prev.copy()
+    else:
+        x = first
+    if not ms.free:
+        ms._grow()
+    tmp = ms.free.pop()
+    try:
+        cell.copy(src, tmp)
+        slots = np.array([tmp], np.int64)
+        out = np.empty((steps, ms.info.output_size), np.float32)
+        for t in range(steps):
+            y = cell.step(x, slots)  # (1, out)
+            out[t] = y[0]
+            x = np.argmax(y, axis=1).astype(np.int64) if lm else y
+        if commit:
+            cell.copy(tmp, src)
+            ms.position[src] += steps
+            ms.last_y[src] = out[-1]
+    finally:
+        ms.free.append(tmp)
+    return out, int(ms.position[src])

@@ -1,0 +1,121 @@
+"""Server settings: one dataclass, filled from the CLI and SEQSERVE_* env vars.
+
+Precedence: command-line flag > environment variable > default. The
+environment name of a field is SEQSERVE_ + its upper-cased name, e.g.
+SEQSERVE_SESSION_IDLE_S=60.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+from seqserve.artifact import DEFAULT_REPO
+
+
+@dataclass
+class Settings:
+    repo: str = DEFAULT_REPO
+    """Model repository: REPO/NAME/VERSION/model.onnx."""
+    host: str = "127.0.0.1"
+    """Address to bind (0.0.0.0 to accept remote clients)."""
+    port: int = 50051
+    """gRPC port for every service (0 picks a free one)."""
+    metrics_port: int = 8002
+    """Prometheus /metrics HTTP port (0 disables)."""
+    state_dir: str = ""
+    """Where session snapshots are written and restored from ("" disables persistence)."""
+    snapshot_s: float = 30.0
+    """Seconds between periodic snapshots (a kill -9 loses at most this much; 0 disables)."""
+    session_idle_s: float = 300.0
+    """A session with no step for this long is freed."""
+    max_sessions: int = 200_000
+    """Live sessions per model; further starts get RESOURCE_EXHAUSTED."""
+    max_steps_per_request: int = 4096
+    """Most steps one request may carry (chunk length, rollout length, steps per stream message)."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    device: str = "auto"
+    """Streaming cell device: auto | cpu | cuda."""
+    models: list = field(default_factory=list)
+    """Pinned versions as NAME:VERSION; other models serve their newest version."""
+    grace_s: float = 5.0
+    """Seconds in-flight RPCs get to finish on shutdown."""
+    log_level: str = "INFO"
+    """Logging level."""
+
+    def validate(self) -> "Settings":
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("max_sessions", "max_steps_per_request", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.session_idle_s <= 0:
+            raise ValueError("--session-idle-s must be positive")
+        self.pins()  # raises on a malformed NAME:VERSION
+        return self
+
+    def pins(self) -> dict[str, int]:
+        out = {}
+        for item in self.models:
+            name, sep, version = str(item).partition(":")
+            if not sep or not version.isdigit():
+                raise ValueError(f"--models entries are NAME:VERSION, got {item!r}")
+            out[name] = int(version)
+        return out
+
+
+def _doc(f) -> str:
+    # the docstring under each field is the help text; read it from the source
+    return _FIELD_DOCS.get(f.name, "")
+
+
+def _field_docs() -> dict[str, str]:
+    import inspect
+
+    src = inspect.getsource(Settings).splitlines()
+    docs, last = {}, None
+    for line in src:
+        s = line.strip()
+        if ":" in s and "=" in s and not s.startswith(('"', "def", "#")):
+            last = s.split(":", 1)[0]
+        elif s.startswith('"""') and last:
+            docs[last] = s.strip('"')
+            last = None
+    return docs
+
+
+_FIELD_DOCS = _field_docs()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqserve serve", description="Serve every model in a repository over gRPC.")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "models":
+            p.add_argument(flag, nargs="*", default=None, metavar="NAME:VERSION", help=_doc(f))
+        else:
+            typ = type(f.default)
+            p.add_argument(flag, type=typ, default=None, help=f"{_doc(f)} (default {f.default!r})")
+    return p
+
+
+def from_args(argv: list[str] | None = None, env: dict | None = None) -> Settings:
+    """Settings from argv (flags) over env (SEQSERVE_*) over the defaults."""
+    env = os.environ if env is None else env
+    args = parser().parse_args(argv or [])
+    values = {}
+    for f in fields(Settings):
+        flag = getattr(args, f.name)
+        raw = env.get("SEQSERVE_" + f.name.upper())
+        if flag is not None:
+            values[f.name] = flag
+        elif raw is not None:
+            if f.name == "models":
+                values[f.name] = raw.replace(",", " ").split()
+            else:
+                try:
+                    values[f.name] = type(f.default)(raw)
+                except ValueError:
+                    raise ValueError(f"SEQSERVE_{f.name.upper()}={raw!r} is not a {type(f.default).__name__}")
+    return Settings(**values).validate()
