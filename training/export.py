@@ -110,7 +110,8 @@ def build_metadata(model: SequenceModel, ckpt: Checkpoint, source_run: str = "")
         if c.head in ("classify", "tag") and labels is not None:
             names = labels
         elif c.head == "regression":
-            names = (ckpt.task or {}).get("columns") or [f"y{i}" for i in range(c.output_size)]
+            names = (extra.get("columns") or (ckpt.task or {}).get("columns")
+                     or [f"y{i}" for i in range(c.output_size)])
         else:
             names = []
     return _json_safe({
@@ -362,6 +363,9 @@ def publish(repo, name: str, data: bytes, version: int | None = None, force: boo
         while True:
             target = base / str(v)
             if (target / artifact.MODEL_FILE).exists():
+                if version is None:  # another export finished v meanwhile: take the next one
+                    v += 1
+                    continue
                 if not force:
                     raise FileExistsError(f"{target / artifact.MODEL_FILE} exists (use --force to replace it)")
                 os.replace(tmp / artifact.MODEL_FILE, target / artifact.MODEL_FILE)

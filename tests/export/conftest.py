@@ -32,9 +32,9 @@ def make_model(cell="lstm", layers=1, bidirectional=False, tokens=False, hidden=
                           bidirectional=bidirectional, head="regression", output_size=features)
         # a series in the hundreds and one near zero: the in-graph affine steps must be exact
         norm = {"mean": [120.0, -0.5][:features], "std": [40.0, 0.25][:features]} if normalization else None
-        extra = {"output_names": ["level", "rate"][:features]}
+        extra = {"columns": ["level", "rate"][:features]}  # as training/train.py stores them
     model = SequenceModel(cfg).eval()
-    ckpt = Checkpoint(model=cfg.to_dict(), task={"name": "unit", "columns": ["level", "rate"][:features]},
+    ckpt = Checkpoint(model=cfg.to_dict(), task={"name": "unit"},
                       train={"epochs": 0}, normalization=norm, extra=extra,
                       metrics={"val_loss": 0.125})
     return model, ckpt

@@ -170,3 +170,27 @@ def test_exported_file_runs_the_numbers_in_raw_units(make_run, repo):
     # the head's output around 0 in model units is mapped back near the means
     assert np.all(np.abs(y[..., 0] - 120.0) < 40.0 * 5) and np.all(np.abs(y[..., 1] + 0.5) < 0.25 * 5)
     assert np.abs(y[..., 0]).min() > 10  # de-normalised, not left in model units
+
+
+def test_concurrent_exports_take_distinct_versions(make_run, repo):
+    """Two writers racing for the next version never overwrite each other."""
+    run, model, ckpt = make_run()
+    payloads = [export.build_onnx(model, ckpt, source_run=f"writer-{i}").SerializeToString() for i in range(4)]
+    barrier = threading.Barrier(len(payloads))
+    paths, errors = [], []
+
+    def writer(data):
+        barrier.wait()
+        try:
+            paths.append(export.publish(repo, "m", data))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert artifact.versions(repo, "m") == [1, 2, 3, 4]
+    assert sorted(p.read_bytes() for p in paths) == sorted(payloads)
