@@ -106,20 +106,20 @@ class InferenceServicer:
     async def ModelInfer(self, request, context):
         return await self._infer(request, tenant_of(context))
 
-    @errors.stream(STREAM_METHOD)
+    @errors.unary(STREAM_METHOD)  # a coroutine that writes, so the unary decorator fits
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests run concurrently as they arrive; replies go out as they finish.
 
         Each request becomes a task, created in arrival order; a task reaches
         the SessionManager (which admits steps synchronously, in call order)
         before the next task starts, so a sequence's steps keep stream order
-        while steps of different sequences batch together.
+        while steps of different sequences batch together. Tasks write their
+        reply themselves (one write at a time): no queue hop on the way out.
         """
         tenant = tenant_of(context)
-        replies: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        write = asyncio.Lock()  # gRPC takes one outstanding write per call
         tasks: set[asyncio.Task] = set()
-        done = object()
 
         async def answer(request):
             try:
@@ -132,34 +132,24 @@ class InferenceServicer:
                 reply.infer_response.id = request.id
                 reply.infer_response.model_name = request.model_name
                 reply.infer_response.model_version = request.model_version
+            try:
+                async with write:
+                    await context.write(reply)
+            except Exception as exc:  # noqa: BLE001 - the client has gone; nothing to tell
+                log.debug("stream reply not delivered: %s", exc)
             finally:
                 slots.release()
-            replies.put_nowait(reply)
 
-        async def read():
-            try:
-                async for request in request_iterator:
-                    await slots.acquire()  # back-pressure: stop reading when full
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:  # the client half-closed: finish what it sent
-                    await asyncio.wait(set(tasks))
-            finally:
-                replies.put_nowait(done)
-
-        reader = asyncio.create_task(read())
         try:
-            while True:
-                reply = await replies.get()
-                if reply is done:
-                    break
-                yield reply
-            if not reader.cancelled() and reader.exception() is not None:
-                raise reader.exception()
+            async for request in request_iterator:
+                await slots.acquire()  # back-pressure: stop reading when full
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:  # the client half-closed: finish what it sent
+                await asyncio.wait(set(tasks))
         finally:
-            # The client went away (or we failed): nothing of this stream runs on.
-            reader.cancel()
+            # the client went away (or we failed): nothing of this stream runs on
             for task in list(tasks):
                 task.cancel()
 

@@ -368,3 +368,45 @@ def test_bad_requests_do_not_end_the_stream(client, reference):
     assert any(k.startswith("[request id: d]") and "unknown model 'nope'" in k for k in errors)
     got = np.concatenate([results[i].as_numpy("y")[0] for i in "aef"])
     assert np.abs(got - reference(LSTM, x)["y"][0]).max() <= TOL
+
+
+# ---- one session store for both protocols -----------------------------------------------
+
+
+def test_sessions_hand_over_between_native_and_oip(client, oip_server, reference):
+    """A sequence started on the native API continues on OIP, and the other way round."""
+    from protos.seqserve.v1 import inference_pb2 as native_pb
+    from protos.seqserve.v1 import inference_pb2_grpc as native_grpc
+
+    rng = np.random.default_rng(9)
+    a, b = series(rng, 1, 60), series(rng, 1, 60)
+
+    def native_step(stub, t, x, **seq):
+        step = native_pb.StepRequest(model=LSTM, x=native_pb.Tensor(shape=[1, FEATURES],
+                                                                    float_data=x[0, t].tolist()),
+                                     start=t == 0, end=t == 59, **seq)
+        reply = stub.Step(step)
+        return np.asarray(reply.y.float_data, np.float32).reshape(tuple(reply.y.shape))
+
+    with grpc.insecure_channel(oip_server.address) as channel:
+        stub = native_grpc.InferenceStub(channel)
+        # native first 30 steps, OIP (integer sequence_id) the rest
+        got_a = [native_step(stub, t, a, sequence_id=9001) for t in range(30)]
+        for t in range(30, 60):
+            result = client.infer(LSTM, [infer_input("x", a[:, t:t + 1])], sequence_id=9001,
+                                  sequence_end=t == 59)
+            got_a.append(result.as_numpy("y")[0])
+        # OIP stream first (string sequence_id), native the rest
+        requests = [([infer_input("x", b[:, t:t + 1])],
+                     dict(model_name=LSTM, request_id=str(t), sequence_id="handover",
+                          sequence_start=t == 0)) for t in range(30)]
+        results = _stream_results(client, requests)
+        got_b = [results[str(t)].as_numpy("y")[0] for t in range(30)]
+        got_b += [native_step(stub, t, b, sequence_key="handover") for t in range(30, 60)]
+        # ended through the native API: OIP no longer knows it
+        status, message = _error(lambda: client.infer(LSTM, [infer_input("x", b[:, :1])],
+                                                      sequence_id="handover"))
+        assert status == "StatusCode.INVALID_ARGUMENT" and "START flag" in message
+
+    for x, got in ((a, got_a), (b, got_b)):
+        assert np.abs(np.concatenate(got) - reference(LSTM, x)["y"][0]).max() <= TOL
