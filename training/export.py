@@ -243,8 +243,13 @@ def check_parity(model: SequenceModel, onnx_model, normalization: dict | None = 
     tol = PARITY_TOL if tol is None else tol
     model = model.cpu().eval()
     sess = _session(onnx_model)
-    if normalization is None and not isinstance(onnx_model, (bytes, bytearray)):
-        proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model))
+    if normalization is None:  # the graph's own statistics, from its metadata
+        if isinstance(onnx_model, onnx.ModelProto):
+            proto = onnx_model
+        elif isinstance(onnx_model, (bytes, bytearray)):
+            proto = onnx.load_from_string(bytes(onnx_model))
+        else:
+            proto = onnx.load(str(onnx_model))
         normalization = artifact.read_metadata(proto).get("normalization")
     scale = None if normalization is None else np.float64(normalization["std"])
     out_names = [o.name for o in sess.get_outputs()]
@@ -408,7 +413,10 @@ def export_run(run_dir, repo=artifact.DEFAULT_REPO, name: str | None = None,
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path} not found (is {run_dir} a run folder from `seqserve train`?)")
     name = artifact.check_model_name(name or run_dir.resolve().name)
-    model, ckpt = load_checkpoint(ckpt_path)
+    try:
+        model, ckpt = load_checkpoint(ckpt_path)
+    except Exception as exc:  # unpickling/shape errors: report the file, not a traceback
+        raise ValueError(f"{ckpt_path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
     ckpt.metrics = _run_metrics(run_dir, ckpt)
     proto = build_onnx(model, ckpt, source_run=str(run_dir))
     try:

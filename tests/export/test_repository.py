@@ -194,3 +194,24 @@ def test_concurrent_exports_take_distinct_versions(make_run, repo):
     assert not errors
     assert artifact.versions(repo, "m") == [1, 2, 3, 4]
     assert sorted(p.read_bytes() for p in paths) == sorted(payloads)
+
+
+def test_export_model_writes_a_gated_file(new_model, tmp_path):
+    model, ckpt = new_model(cell="gru", layers=2)
+    path = tmp_path / "single.onnx"
+    report = export.export_model(model, ckpt, path, source_run="notebook")
+    assert report["passed"] and set(report["checks"]) >= {"batch=2 T=300", "chained 12x T=1"}
+    info = artifact.load_model_info(path)
+    assert (info.cell, info.layers, info.source_run) == ("gru", 2, "notebook")
+    # the gate reads the statistics from the file itself when not told them
+    assert export.check_parity(model, path.read_bytes())["passed"]
+    assert [p.name for p in tmp_path.iterdir()] == ["single.onnx"]
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["export", str(run), "--repo", str(tmp_path / "r"), "--name", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load checkpoint" in err[0]
