@@ -410,3 +410,68 @@ def test_sessions_hand_over_between_native_and_oip(client, oip_server, reference
 
     for x, got in ((a, got_a), (b, got_b)):
         assert np.abs(np.concatenate(got) - reference(LSTM, x)["y"][0]).max() <= TOL
+
+
+def test_stream_mixes_stateless_requests_and_keeps_ids(client, reference):
+    x = series(np.random.default_rng(10), 2, 7)
+    requests = [([infer_input("x", x)], dict(model_name=LSTM, request_id="whole")),
+                ([infer_input("x", x[:1, :3])], dict(model_name=LSTM, request_id="s0",
+                                                     sequence_id=55, sequence_start=True)),
+                ([infer_input("x", x[:1, 3:])], dict(model_name=LSTM, request_id="s1",
+                                                     sequence_id=55, sequence_end=True))]
+    results = _stream_results(client, requests)
+    assert set(results) == {"whole", "s0", "s1"}
+    np.testing.assert_allclose(results["whole"].as_numpy("y"), reference(LSTM, x)["y"], atol=1e-5)
+    got = np.concatenate([results["s0"].as_numpy("y")[0], results["s1"].as_numpy("y")[0]])
+    assert np.abs(got - reference(LSTM, x[:1])["y"][0]).max() <= TOL
+    unary = client.infer(LSTM, [infer_input("x", x)], request_id="mine")
+    assert unary.get_response().id == "mine"
+
+
+def test_a_sequence_outlives_the_stream_that_started_it(client, oip_server, reference):
+    """A client that drops its stream mid-sequence can go on later (Triton semantics)."""
+    x = series(np.random.default_rng(11), 1, 4)
+
+    def step(t, **params):
+        request = pb.ModelInferRequest(model_name=LSTM, id=str(t))
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 1, FEATURES])
+        request.raw_input_contents.append(x[:, t:t + 1].tobytes())
+        request.parameters["sequence_id"].int64_param = 8080
+        for key, value in params.items():
+            request.parameters[key].bool_param = value
+        return request
+
+    outbox: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(oip_server.address) as channel:
+        bidi = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                     request_serializer=pb.ModelInferRequest.SerializeToString,
+                                     response_deserializer=pb.ModelStreamInferResponse.FromString)
+        call = bidi(iter(outbox.get, None))
+        outbox.put(step(0, sequence_start=True))
+        first = next(call)
+        assert not first.error_message and first.infer_response.id == "0"
+        outbox.put(step(1))
+        second = next(call)
+        call.cancel()  # the client goes away without ending the sequence
+        outbox.put(None)
+    rest = [client.infer(LSTM, [infer_input("x", x[:, t:t + 1])], sequence_id=8080,
+                         sequence_end=t == 3).as_numpy("y")[0] for t in (2, 3)]
+    ys = [np.frombuffer(r.infer_response.raw_output_contents[0], "<f4").reshape(1, FEATURES)
+          for r in (first, second)]
+    assert np.abs(np.concatenate(ys + rest) - reference(LSTM, x)["y"][0]).max() <= TOL
+    assert client.is_server_live()
+
+
+def test_bench_command_runs(oip_server, capsys):
+    """The benchmark command end to end on a tiny budget (its figures are not asserted)."""
+    import json
+
+    from serving import oip_bench
+
+    repo = str(oip_server.paths[LSTM].parents[2])
+    assert oip_bench.main(["--repo", repo, "--model", LSTM, "--steps", "5", "--rounds", "1",
+                           "--warmup", "2"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["path"] for r in rows] == list(oip_bench.PATHS)
+    assert all(r["steps"] == 5 and r["p50_us"] > 0 for r in rows)
+    assert oip_bench.main(["--repo", repo, "--model", TOKENS]) == 2  # cannot stream float steps
