@@ -1,0 +1,200 @@
+"""`seqserve serve | predict | stream`: the server and its command-line clients.
+
+  seqserve serve [--repo model_repository] [--port 50051] [--state-dir DIR] ...
+  seqserve predict --model NAME --input FILE.csv|FILE.npy     (or --text "...")
+  seqserve stream --model NAME  < values                       (one step per line)
+
+`tail -f sensor.log | seqserve stream --model sine-lstm` prints each step's
+output as soon as it comes back. Errors are one line on stderr with a
+non-zero exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+
+DEFAULT_TARGET = os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051")
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    import asyncio
+
+    from serving.server import serve
+    from serving.settings import from_args
+
+    settings = from_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(settings))
+    return 0
+
+
+# ---- output formatting ---------------------------------------------------------------
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def describe(meta, y: np.ndarray, top_k: int = 3) -> str:
+    """One step's output (out,) as a line a person can read."""
+    kind = meta.output_kind
+    if kind in ("classify", "tag"):
+        names = list(meta.labels) or list(meta.output_names) or [str(i) for i in range(len(y))]
+        p = _softmax(y)
+        order = np.argsort(-p)[: max(1, top_k)]
+        best = order[0]
+        rest = ", ".join(f"{names[i]} {p[i]:.3f}" for i in order[1:])
+        return f"{names[best]} {p[best]:.3f}" + (f" ({rest})" if rest else "")
+    if kind == "lm":
+        vocab = list(meta.vocab) or [str(i) for i in range(len(y))]
+        p = _softmax(y)
+        order = np.argsort(-p)[: max(1, top_k)]
+        return "  ".join(f"{vocab[i]} {p[i]:.3f}" for i in order)
+    names = list(meta.output_names) or [f"y{i}" for i in range(len(y))]
+    if len(y) == 1:
+        return f"{y[0]:.6g}"
+    return " ".join(f"{n}={v:.6g}" for n, v in zip(names, y))
+
+
+def _fail(cmd: str, exc) -> int:
+    import grpc
+
+    if isinstance(exc, grpc.RpcError):
+        print(f"seqserve {cmd}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    else:
+        print(f"seqserve {cmd}: error: {exc}", file=sys.stderr)
+    return 1
+
+
+# ---- predict ---------------------------------------------------------------------------
+
+def _read_sequences(path: str, meta) -> np.ndarray:
+    """A .npy of (B, T, F) / (T, F) / (B, T) ids, or a CSV of one sequence (rows = steps)."""
+    if path.endswith(".npy"):
+        x = np.load(path, allow_pickle=False)
+    elif path.endswith(".csv"):
+        rows = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                cells = [c for c in line.replace(";", ",").split(",")]
+                try:
+                    rows.append([float(c) for c in cells])
+                except ValueError:
+                    if n == 1:  # a header row
+                        continue
+                    raise ValueError(f"{path}:{n}: not a number in {line!r}") from None
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        x = np.asarray(rows, np.float64)
+    else:
+        raise ValueError(f"{path}: use a .csv or .npy file")
+    tokens = meta.input_kind == "tokens"
+    if tokens:
+        x = np.asarray(x)
+        if x.dtype.kind == "f":
+            if not np.all(x == np.round(x)):
+                raise ValueError(f"{path}: token ids must be integers")
+            x = x.astype(np.int64)
+        return x[None] if x.ndim == 1 else x
+    x = np.asarray(x, np.float32)
+    if x.ndim == 1:
+        x = x[:, None] if meta.input_features == 1 else x[None]
+    return x[None] if x.ndim == 2 else x
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="seqserve predict",
+                                description="Send whole sequences (or text) to a running server.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", help="a .csv (one sequence, a row per step) or .npy file")
+    p.add_argument("--text", action="append", help="raw text for a text model (repeatable)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (env SEQSERVE_TARGET)")
+    p.add_argument("--top-k", type=int, default=3, help="labels / words to show")
+    p.add_argument("--all-steps", action="store_true", help="print every step, not just the last")
+    a = p.parse_args(argv)
+    if bool(a.input) == bool(a.text):
+        raise ValueError("give exactly one of --input FILE or --text TEXT")
+    import grpc
+
+    from serving.client import Client
+
+    try:
+        with Client(a.target) as client:
+            meta = client.metadata(a.model)
+            if a.text:
+                out = client.predict(a.model, text=a.text)
+                lengths = out["lengths"]
+            else:
+                x = _read_sequences(a.input, meta)
+                out = client.predict(a.model, x)
+                lengths = [x.shape[1]] * x.shape[0]
+    except grpc.RpcError as exc:
+        return _fail("predict", exc)
+    y = out["y"]  # (B, T, out)
+    for b in range(y.shape[0]):
+        label = a.text[b] if a.text else f"sequence {b}"
+        steps = range(lengths[b]) if a.all_steps or meta.output_kind == "tag" else [lengths[b] - 1]
+        print(f"{label}:")
+        for t in steps:
+            print(f"  step {t}: {describe(meta, y[b, t], a.top_k)}")
+    return 0
+
+
+# ---- stream ----------------------------------------------------------------------------
+
+def stream_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="seqserve stream",
+        description="Read one step per stdin line and print each step's output as it comes.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sequence", default=None, help="session id (default: one per process)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (env SEQSERVE_TARGET)")
+    p.add_argument("--top-k", type=int, default=3, help="next words / labels to show")
+    p.add_argument("--keep", action="store_true", help="do not end the session at end of input")
+    a = p.parse_args(argv)
+    import grpc
+
+    from serving.client import Client, StepError
+
+    sequence = a.sequence or f"cli-{os.getpid()}"
+    if sequence.isdigit():
+        sequence = int(sequence)
+    started = False
+    try:
+        with Client(a.target, timeout=None) as client:
+            meta = client.metadata(a.model)
+            if not meta.can_stream:
+                raise ValueError(f"model {a.model!r} cannot stream (bidirectional): use predict")
+            tokens = meta.input_kind == "tokens"
+            with client.stream(a.model) as stream:
+                for n, line in enumerate(sys.stdin, 1):
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        if tokens:
+                            y, _ = stream.step(sequence, text=line, start=not started)
+                        else:
+                            x = [float(v) for v in line.replace(",", " ").split()]
+                            y, _ = stream.step(sequence, x, start=not started)
+                    except ValueError:
+                        print(f"seqserve stream: line {n}: not numbers: {line!r}", file=sys.stderr)
+                        continue
+                    except StepError as exc:
+                        print(f"seqserve stream: line {n}: {exc}", file=sys.stderr)
+                        continue
+                    started = True
+                    print(describe(meta, y[-1], a.top_k), flush=True)
+            if started and not a.keep:
+                client.end_session(a.model, sequence)
+    except grpc.RpcError as exc:
+        return _fail("stream", exc)
+    return 0

@@ -1,0 +1,182 @@
+"""A Python client for seqserve.v1.Inference (blocking; numpy in, numpy out).
+
+    from serving.client import Client
+    with Client("127.0.0.1:50051") as c:
+        c.predict("sine-lstm", x)["y"]                 # x (B, T, F)
+        y, position = c.step("sine-lstm", 42, [0.3], start=True)
+        with c.stream("sine-lstm") as s:               # one bidi stream, step by step
+            y, position = s.step(42, [0.31])
+        c.rollout("sine-lstm", 42, steps=100)
+        c.end_session("sine-lstm", 42)
+
+Failed calls raise grpc.RpcError (`.code()`, `.details()`); inside a stream a
+failed step raises StepError and the stream stays usable.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+
+from protos.seqserve.v1 import inference_pb2 as pb
+from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+class StepError(RuntimeError):
+    """A step refused inside a stream: `code` (grpc.StatusCode) and message."""
+
+    def __init__(self, code: int, message: str):
+        self.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        super().__init__(f"{self.code.name}: {message}")
+
+
+def tensor(x, dtype=None) -> pb.Tensor:
+    a = np.asarray(x, dtype=dtype)
+    if a.dtype.kind in "iu":
+        return pb.Tensor(shape=a.shape, int64_data=a.ravel().tolist())
+    return pb.Tensor(shape=a.shape, float_data=a.astype(np.float32).ravel().tolist())
+
+
+def array(t: pb.Tensor) -> np.ndarray:
+    if len(t.int64_data):
+        return np.array(t.int64_data, np.int64).reshape(tuple(t.shape))
+    return np.array(t.float_data, np.float32).reshape(tuple(t.shape))
+
+
+def _set_sequence(msg, sequence_id) -> None:
+    if isinstance(sequence_id, str):
+        msg.sequence_key = sequence_id
+    else:
+        msg.sequence_id = int(sequence_id)
+
+
+def step_request(model: str, sequence_id, x=None, *, start=False, end=False, text: str = "",
+                 version: int = 0) -> pb.StepRequest:
+    msg = pb.StepRequest(model=model, version=version, start=start, end=end, text=text)
+    _set_sequence(msg, sequence_id)
+    if x is not None:
+        msg.x.CopyFrom(tensor(x))
+    return msg
+
+
+class StepStream:
+    """One StreamSteps call driven step by step from blocking code."""
+
+    def __init__(self, stub: pb_grpc.InferenceStub, model: str, timeout: float | None = None):
+        self.model = model
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = stub.StreamSteps(iter(self._requests.get, None), timeout=timeout)
+        self._lock = threading.Lock()
+
+    def send(self, steps: list[pb.StepRequest]) -> list[pb.StepResponse]:
+        """Send one message carrying `steps` (any sessions); returns their results."""
+        with self._lock:
+            self._requests.put(pb.StreamStepsRequest(steps=steps))
+            return list(next(self._replies).results)
+
+    def step(self, sequence_id, x=None, *, start=False, end=False, text: str = ""):
+        """-> (y (T, out), position); raises StepError if the server refused it."""
+        (r,) = self.send([step_request(self.model, sequence_id, x, start=start, end=end, text=text)])
+        if r.code:
+            raise StepError(r.code, r.error)
+        return array(r.y), r.position
+
+    def close(self) -> None:
+        self._requests.put(None)
+        for _ in self._replies:  # drain so the call completes cleanly
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client:
+    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = 30.0,
+                 channel: grpc.Channel | None = None):
+        self.channel = channel or grpc.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server's health check says SERVING."""
+        import time
+
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                r = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server not ready after {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def list_models(self) -> list[pb.ModelSummary]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def metadata(self, model: str, version: int = 0) -> pb.ModelMetadataResponse:
+        return self.stub.ModelMetadata(pb.ModelMetadataRequest(model=model, version=version),
+                                       timeout=self.timeout)
+
+    def predict(self, model: str, x=None, h0=None, c0=None, *, text: list[str] | None = None,
+                version: int = 0) -> dict[str, np.ndarray]:
+        """Whole sequences: x (B, T, F) or (B, T) ids, or text -> {"y", "hn", "cn"?, "lengths"?}."""
+        req = pb.PredictRequest(model=model, version=version, text=text or [])
+        if x is not None:
+            req.x.CopyFrom(tensor(x))
+        if h0 is not None:
+            req.h0.CopyFrom(tensor(h0, np.float32))
+        if c0 is not None:
+            req.c0.CopyFrom(tensor(c0, np.float32))
+        r = self.stub.Predict(req, timeout=self.timeout)
+        out = {"y": array(r.y), "hn": array(r.hn)}
+        if r.HasField("cn"):
+            out["cn"] = array(r.cn)
+        if r.lengths:
+            out["lengths"] = np.array(r.lengths)
+        return out
+
+    def step(self, model: str, sequence_id, x=None, *, start=False, end=False, text: str = "",
+             version: int = 0):
+        """One session's next step(s): -> (y (T, out), position)."""
+        r = self.stub.Step(step_request(model, sequence_id, x, start=start, end=end, text=text,
+                                        version=version), timeout=self.timeout)
+        return array(r.y), r.position
+
+    def stream(self, model: str) -> StepStream:
+        return StepStream(self.stub, model)
+
+    def rollout(self, model: str, sequence_id, steps: int, x=None, *, commit: bool = False):
+        """Closed-loop forecast: -> (y (steps, out), position)."""
+        req = pb.RolloutRequest(model=model, steps=steps, commit=commit)
+        _set_sequence(req, sequence_id)
+        if x is not None:
+            req.x.CopyFrom(tensor(x))
+        r = self.stub.Rollout(req, timeout=self.timeout)
+        return array(r.y), r.position
+
+    def end_session(self, model: str, sequence_id) -> int:
+        req = pb.EndSessionRequest(model=model)
+        _set_sequence(req, sequence_id)
+        return self.stub.EndSession(req, timeout=self.timeout).position

@@ -1,0 +1,123 @@
+"""Session semantics through the server: parity under interleaving, ordering,
+restart, capacity, idle expiry."""
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from serving.client import Client, step_request
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_many_sessions_interleaved_from_concurrent_clients_equal_one_ort_call(
+        server, model_repo, kit, cell):
+    """200 sessions, 4 clients, random interleaving and random multiplexing."""
+    n_sessions, T, n_clients = 200, 12, 4
+    rng = np.random.default_rng(10)
+    xs = rng.standard_normal((n_sessions, T, 3)).astype(np.float32)
+    got = np.zeros((n_sessions, T, 3), np.float32)
+
+    def client_run(c):
+        r = random.Random(c)
+        mine = list(range(c, n_sessions, n_clients))
+        nxt = {s: 0 for s in mine}
+        with Client(server.target) as cl, cl.stream(cell) as stream:
+            while nxt:
+                # one message carries 1..6 distinct random sessions' next steps
+                group = r.sample(sorted(nxt), min(len(nxt), r.randint(1, 6)))
+                reqs = [step_request(cell, f"{cell}-{s}", xs[s, nxt[s]], start=nxt[s] == 0)
+                        for s in group]
+                for s, res in zip(group, stream.send(reqs)):
+                    assert res.code == 0, res.error
+                    got[s, nxt[s]] = kit.array(res.y)[0]
+                    assert res.position == nxt[s] + 1
+                    nxt[s] += 1
+                    if nxt[s] == T:
+                        del nxt[s]
+
+    with ThreadPoolExecutor(n_clients) as pool:
+        list(pool.map(client_run, range(n_clients)))
+    want = kit.ort_reference(model_repo / cell / "1/model.onnx", xs)["y"]
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_concurrent_steps_of_one_session_apply_once_each_in_arrival_order(server, model_repo, kit):
+    """Unary steps fired concurrently: positions are a permutation, and the
+    outputs equal ORT run on the inputs in the order the positions say."""
+    cl = Client(server.target)
+    N = 40
+    xs = np.random.default_rng(11).standard_normal((N + 1, 3)).astype(np.float32)
+    y0, _ = cl.step("lstm", "ordered", xs[0], start=True)
+    futures = [cl.stub.Step.future(step_request("lstm", "ordered", xs[i])) for i in range(1, N + 1)]
+    replies = [f.result() for f in futures]
+    positions = [r.position for r in replies]
+    assert sorted(positions) == list(range(2, N + 2))
+    order = np.argsort(positions)
+    seq = np.concatenate([xs[:1], xs[1:][order]])
+    want = kit.ort_reference(model_repo / "lstm/1/model.onnx", seq[None])["y"][0]
+    got = np.concatenate([y0] + [kit.array(replies[i].y) for i in order])
+    assert np.abs(got - want).max() < 1e-4
+    cl.close()
+
+
+def test_start_on_a_live_session_restarts_it_with_fresh_state(server, kit):
+    cl = Client(server.target)
+    x = np.random.default_rng(12).standard_normal((5, 3)).astype(np.float32)
+    first, _ = cl.step("gru", 900, x, start=True)
+    again, pos = cl.step("gru", 900, x, start=True)
+    assert pos == 5
+    np.testing.assert_allclose(again, first, atol=1e-6)
+    # int 900 and "900" are different sessions
+    with pytest.raises(grpc.RpcError):
+        cl.step("gru", "900", x[:1])
+    cl.end_session("gru", 900)
+    cl.close()
+
+
+def test_capacity_and_idle_expiry(model_repo, kit):
+    running = kit.start_server(repo=str(model_repo), max_sessions=3, session_idle_s=0.4)
+    try:
+        cl = Client(running.target)
+        for s in range(3):
+            cl.step("rnn", s + 1, [0.0, 0.0, 0.0], start=True)
+        with pytest.raises(grpc.RpcError) as e:
+            cl.step("rnn", 4, [0.0, 0.0, 0.0], start=True)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max-sessions" in e.value.details()
+        cl.step("rnn", 1, [0.0, 0.0, 0.0], start=True)  # a restart needs no new slot
+        cl.end_session("rnn", 2)
+        cl.step("rnn", 4, [0.0, 0.0, 0.0], start=True)  # ending freed one
+        # keep session 1 busy while the others go idle
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            cl.step("rnn", 1, [0.0, 0.0, 0.0])
+            time.sleep(0.1)
+        for s in (3, 4):
+            with pytest.raises(grpc.RpcError) as e:
+                cl.step("rnn", s, [0.0, 0.0, 0.0])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expired" in e.value.details()
+        cl.step("rnn", 1, [0.0, 0.0, 0.0])  # the busy one lives on
+        assert running.server.sessions.live("rnn") == 1
+        cl.close()
+    finally:
+        running.stop()
+
+
+def test_batches_form_when_steps_arrive_together(server):
+    """A multiplexed message of 50 sessions runs as one cell call."""
+    from prometheus_client import REGISTRY
+
+    def count_50():
+        return REGISTRY.get_sample_value("seqserve_batch_size_bucket", {"model": "rnn", "le": "64.0"}) or 0
+    def count_32():
+        return REGISTRY.get_sample_value("seqserve_batch_size_bucket", {"model": "rnn", "le": "32.0"}) or 0
+
+    before64, before32 = count_50(), count_32()
+    with Client(server.target) as cl, cl.stream("rnn") as s:
+        res = s.send([step_request("rnn", f"b{i}", [0.1, 0.2, 0.3], start=True) for i in range(50)])
+    assert all(r.code == 0 for r in res)
+    assert count_50() - before64 >= 1 and count_32() == before32
