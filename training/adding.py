@@ -15,6 +15,7 @@ Run folder: checkpoint.pt, metrics.json, loss.png, gradients.png.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -33,8 +34,8 @@ DEFAULTS = dict(cell="lstm", layers=1, hidden=64, lr=3e-3, batch_size=64, epochs
                 steps_per_epoch=50, lag=100)
 
 
-class _Solved(Exception):
-    """Raised from fit's epoch callback once validation MSE reaches the target."""
+class _Stop(Exception):
+    """Raised from fit's epoch callback: solved, or out of CPU budget."""
 
 
 def generate(n: int, lag: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +134,8 @@ def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: 
                  batch_size: int = 64, epochs: int = 100, steps_per_epoch: int = 50,
                  budget_s: float | None = None, seed: int = 0, device=None, progress: bool = True,
                  n_val: int = 1000, n_test: int = 2000,
-                 stop_mse: float | None = STOP_MSE) -> tuple[SequenceModel, dict, dict]:
+                 stop_mse: float | None = STOP_MSE, budget_kind: str = "wall",
+                 wall_cap_s: float | None = None) -> tuple[SequenceModel, dict, dict]:
     """Train one cell on one lag with fresh data every batch.
 
     Returns the model, metrics and the task config. Validation and test sets
@@ -151,27 +153,41 @@ def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: 
         for _ in range(steps_per_epoch):
             yield generate(batch_size, lag, train_gen)
 
-    # fit() keeps the best validation weights; to stop as soon as the task is
-    # solved (val MSE <= stop_mse) we record each epoch here and leave fit by
-    # an exception: the weights then are those just validated, below target.
-    history = {"train_loss": [], "val_loss": [], "epochs": 0, "stopped": "epochs"}
+    # fit() keeps the best validation weights when it ends by itself. To stop
+    # as soon as the task is solved (val MSE <= stop_mse), or when this
+    # process has used budget_s CPU seconds (budget_kind "cpu": fair between
+    # cells on a shared, busy machine), the epoch callback leaves fit by an
+    # exception and the best weights seen are restored here.
+    history = {"train_loss": [], "val_loss": [], "epochs": 0, "stopped": "epochs", "cpu_seconds": []}
+    best = {"val": math.inf, "state": None}
+    cpu0 = time.process_time()
 
     def on_epoch(epoch, train_loss, val_loss):
         history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
         history["epochs"] = epoch
+        history["cpu_seconds"].append(round(time.process_time() - cpu0, 2))
+        if val_loss < best["val"]:
+            best["val"], best["state"] = val_loss, copy.deepcopy(model.state_dict())
         if stop_mse is not None and val_loss <= stop_mse:
-            raise _Solved
+            raise _Stop("solved")
+        if budget_kind == "cpu" and budget_s is not None and time.process_time() - cpu0 >= budget_s:
+            raise _Stop("budget")
 
+    if budget_kind not in ("wall", "cpu"):
+        raise ValueError(f"budget_kind must be wall or cpu, got {budget_kind!r}")
+    wall_budget = budget_s if budget_kind == "wall" else wall_cap_s
     t0 = time.perf_counter()
     try:
         h = fit(model, train_batches, loss_fn, val_fn=lambda m: mse(m, *val), epochs=epochs, lr=lr,
-                clip=1.0, patience=None, budget_s=budget_s, seed=seed, device=device,
+                clip=1.0, patience=None, budget_s=wall_budget, seed=seed, device=device,
                 desc=f"adding lag={lag} {cell}", progress=progress, on_epoch=on_epoch)
         history["stopped"] = h.stopped
-    except _Solved:
-        history["stopped"] = "solved"
+    except _Stop as stop:
+        history["stopped"] = str(stop)
+        model.load_state_dict(best["state"])
     history["seconds"] = time.perf_counter() - t0
+    history["best_val_loss"] = best["val"]
     model.cpu().eval()
     test_mse = mse(model, *test)
     metrics = {
@@ -180,13 +196,15 @@ def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: 
         "solved": test_mse <= 0.01,
         "parameters": count_parameters(model),
         "train_seconds": history["seconds"],
+        "train_cpu_seconds": history["cpu_seconds"][-1] if history["cpu_seconds"] else 0.0,
+        "budget": {"kind": budget_kind, "seconds": budget_s, "wall_cap_s": wall_cap_s},
         "train_examples": history["epochs"] * steps_per_epoch * batch_size,
         "history": history,
     }
     task = {"name": "adding", "lag": lag, "seed": seed, "features": ["value", "marker"],
             "steps_per_epoch": steps_per_epoch}
     train = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "clip": 1.0, "budget_s": budget_s,
-             "seed": seed, "stop_mse": stop_mse}
+             "budget_kind": budget_kind, "seed": seed, "stop_mse": stop_mse}
     return model, metrics, {"task": task, "train": train}
 
 

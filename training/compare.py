@@ -39,6 +39,10 @@ def parse_args(argv):
     p.add_argument("--cells", default="rnn,lstm,gru", help="comma-separated cells (default rnn,lstm,gru)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="wall-clock training budget per cell (adding: per cell and lag)")
+    p.add_argument("--budget-kind", choices=("wall", "cpu"), default="wall",
+                   help="adding: count wall-clock seconds or this process's CPU seconds (fair on a busy machine)")
+    p.add_argument("--wall-cap-s", type=float, default=None,
+                   help="adding with --budget-kind cpu: also stop a run after this many wall seconds")
     p.add_argument("--out", default=None, help="report folder (default reports/TASK)")
     p.add_argument("--max-examples", type=int, default=None, help="text tasks: train on a subset")
     p.add_argument("--lags", default=",".join(map(str, adding.LAGS)), help="adding: lags to sweep")
@@ -202,7 +206,8 @@ def compare_adding(args) -> dict:
                 cell, lag, hidden=hidden, layers=layers, budget_s=args.budget_s,
                 epochs=args.epochs or adding.DEFAULTS["epochs"],
                 steps_per_epoch=args.steps_per_epoch or adding.DEFAULTS["steps_per_epoch"],
-                seed=args.seed, device=args.device, progress=not args.no_progress)
+                seed=args.seed, device=args.device, progress=not args.no_progress,
+                budget_kind=args.budget_kind, wall_cap_s=args.wall_cap_s)
             if lag == grad_lag:
                 trained_norms = adding.gradient_norms(model, x, target)
             adding.save_run(run_dir, model, m, cfg)
@@ -275,7 +280,8 @@ def write_report(args, results: dict, wall: float) -> None:
     lines = [f"# seqserve compare: {args.task}", ""]
     cmd = "seqserve compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:])
     lines += [f"Command: `{cmd.strip()}`  ", f"Wall time: {wall:.0f} s on {_machine()}  ",
-              f"Budget per run: {args.budget_s or 'none (epochs bound)'} s; seed {args.seed}.", ""]
+              f"Budget per run: {args.budget_s or 'none (epochs bound)'} s "
+              f"({args.budget_kind if args.task == 'adding' else 'wall'} time); seed {args.seed}.", ""]
     via = {m.get("served", {}).get("latency_via") for m in _served_runs(args, results)} - {None}
     summary = {}
     if args.task in TEXT_TASKS:
