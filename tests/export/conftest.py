@@ -65,3 +65,25 @@ def repo(tmp_path):
 def new_model():
     """new_model(**make_model kwargs) -> (model, checkpoint)."""
     return make_model
+
+
+# worst ORT-vs-PyTorch max-abs per cell over the parity grid, shown after the run
+_PARITY_WORST: dict[str, tuple[float, str]] = {}
+
+
+@pytest.fixture
+def parity_log():
+    """parity_log(cell, err, case): keep the worst error per cell for the summary."""
+
+    def _log(cell, err, case):
+        if err >= _PARITY_WORST.get(cell, (-1.0, ""))[0]:
+            _PARITY_WORST[cell] = (float(err), case)
+
+    return _log
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _PARITY_WORST:
+        terminalreporter.write_sep("-", "export parity: worst ONNX Runtime vs PyTorch max-abs per cell")
+        for cell, (err, case) in sorted(_PARITY_WORST.items()):
+            terminalreporter.write_line(f"{cell:<5} {err:.3e}  ({case})")

@@ -43,7 +43,7 @@ def model_units(diff_y, ckpt):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_export_matches_pytorch(new_model, cell, layers, bidirectional, tokens):
+def test_export_matches_pytorch(new_model, parity_log, cell, layers, bidirectional, tokens):
     model, ckpt = new_model(cell=cell, layers=layers, bidirectional=bidirectional, tokens=tokens,
                             seed=layers)
     proto = export.build_onnx(model, ckpt)
@@ -74,7 +74,9 @@ def test_export_matches_pytorch(new_model, cell, layers, bidirectional, tokens):
         err = model_units(np.abs(got[0].astype(np.float64) - want_y), ckpt).max()
         for g, w in zip(got[1:], want_states):
             err = max(err, np.abs(g - w).max())
-        assert err <= TOL, f"batch={batch} T={time}: max-abs {err:.3e}"
+        case = f"layers={layers} {'bi' if bidirectional else 'uni'} {'tokens' if tokens else 'float'} batch={batch} T={time}"
+        parity_log(cell, err, case)
+        assert err <= TOL, f"{case}: max-abs {err:.3e}"
 
     report = export.check_parity(model, proto, ckpt.normalization)
     assert report["passed"], report
