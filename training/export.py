@@ -179,7 +179,7 @@ def build_onnx(model: SequenceModel, ckpt: Checkpoint, source_run: str = "") -> 
     proto.producer_name = "seqserve"
     meta["content_hash"] = artifact.content_hash(proto)
     artifact.write_metadata(proto, meta)
-    onnx.checker.check_model(proto)
+    artifact.inspect_model(proto)  # onnx.checker + the loader's convention checks, as a server will run them
     return proto
 
 
