@@ -37,7 +37,7 @@ from serving.runtime.sessions import session_key
 log = logging.getLogger("seqserve.oip")
 
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("sequence", "model_metadata")
+EXTENSIONS = ("sequence",)
 STREAM_METHOD = "oip.ModelStreamInfer"
 STREAM_IN_FLIGHT = 1024
 """Requests one ModelStreamInfer stream may have in progress before we stop reading it."""

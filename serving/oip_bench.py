@@ -9,8 +9,8 @@ step (each step waits for its answer) along these paths, in the same run:
   oip-stream         tritonclient start_stream + async_stream_infer, one in flight
   oip-infer-raw      ModelInfer through a bare grpc stub (no tritonclient)
   oip-stream-raw     ModelStreamInfer through a bare grpc stub, one in flight
-  native-step        seqserve.v1 Step (unary)
-  native-stream      seqserve.v1 StreamSteps, one message per step
+  native-step        seqserve.v1 Step (unary) through serving.client.Client
+  native-stream      seqserve.v1 StreamSteps through Client.stream(), one message per step
 The *-raw rows separate what tritonclient costs on the client from what the
 OIP path costs on the server. Paths take turns in `rounds` blocks so the
 drift of a shared, noisy machine hits them alike. Prints a table, then JSON
@@ -188,37 +188,30 @@ def _lockstep(bidi, xs, make, sid, check):
 
 
 def native_drivers(address: str, model: str):
-    from protos.seqserve.v1 import inference_pb2 as npb
-    from protos.seqserve.v1 import inference_pb2_grpc as ngrpc
+    """The native API through its own client, serving.client, as a user would call it."""
+    from serving.client import Client
 
-    channel = grpc.insecure_channel(address)
-    stub = ngrpc.InferenceStub(channel)
+    client = Client(address)
     counter = iter(range(1 << 40, 1 << 62))
-
-    def step(sid, t, n, x):
-        return npb.StepRequest(model=model, sequence_id=sid, start=t == 0, end=t == n - 1,
-                               x=npb.Tensor(shape=x.shape[1:], float_data=x.ravel().tolist()))
-
-    def check(reply):
-        if reply.error:
-            raise RuntimeError(reply.error)
-        return np.asarray(reply.y.float_data, np.float32)
 
     def native_step(xs):
         sid, times = next(counter), []
         for t, x in enumerate(xs):
             t0 = time.perf_counter()
-            check(stub.Step(step(sid, t, len(xs), x)))
+            client.step(model, sid, x[0], start=t == 0, end=t == len(xs) - 1)  # x[0]: (1, F)
             times.append(time.perf_counter() - t0)
         return times
 
     def native_stream(xs):
-        n = len(xs)
-        return _lockstep(stub.StreamSteps, xs,
-                         lambda sid, t, x: npb.StreamStepsRequest(steps=[step(sid, t, n, x)]),
-                         next(counter), lambda r: check(r.results[0]))
+        sid, times = next(counter), []
+        with client.stream(model) as stream:
+            for t, x in enumerate(xs):
+                t0 = time.perf_counter()
+                stream.step(sid, x[0], start=t == 0, end=t == len(xs) - 1)
+                times.append(time.perf_counter() - t0)
+        return times
 
-    return {"native-step": native_step, "native-stream": native_stream}, (channel,)
+    return {"native-step": native_step, "native-stream": native_stream}, (client,)
 
 
 def summarize(times: dict[str, list[float]]) -> list[dict]:

@@ -1,90 +1,38 @@
 """The Open Inference Protocol through the real tritonclient[grpc] 2.73.0.
 
-A real seqserve server on 127.0.0.1:0 (in a thread with its own event loop,
-so the blocking tritonclient can call it), real exported models, and answers
-compared with an independent ONNX Runtime session on the same file.
+The server and models are the serving suite's own (tests/serving/conftest.py:
+`model_repo` of random-weight exports, `server` = serving.server.Server on
+127.0.0.1:0 in a thread with its own event loop, so the blocking tritonclient
+can call it). Answers are compared with an independent ONNX Runtime session
+on the same files.
 """
 from __future__ import annotations
 
-import asyncio
 import queue
 import random
-import threading
 from functools import partial
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from protos.inference import messages as pb
-from serving.server import Server
-from serving.settings import Settings
-from training.export import build_onnx, publish
-from training.model import Checkpoint, ModelConfig, SequenceModel
 
 TOL = 1e-4
-LSTM, TOKENS = "oip-lstm", "oip-gru-tokens"
-FEATURES, HIDDEN, LAYERS, VOCAB = 2, 16, 2, 30
-
-
-def export(repo, name, config: ModelConfig, seed: int, **extra):
-    """A seeded random-weight SequenceModel exported by training.export (no training needed)."""
-    torch.manual_seed(seed)
-    model = SequenceModel(config).eval()
-    ckpt = Checkpoint(model=config.to_dict(), task={"name": "unit"}, train={}, extra=extra)
-    return publish(repo, name, build_onnx(model, ckpt).SerializeToString())
-
-
-class ServerThread:
-    """serving.server.Server on 127.0.0.1:0 in a thread with its own event loop."""
-
-    def __init__(self, repo):
-        self.settings = Settings(repo=str(repo), port=0, metrics_port=0, state_dir="",
-                                 device="cpu", grace_s=0.5)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def _call(self, coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self):
-        self.thread.start()
-
-        async def up():
-            self.server = Server(self.settings)
-            port = await self.server.start()
-            await self.server.ready.wait()
-            return port
-
-        self.port = self._call(up())
-        self.address = f"127.0.0.1:{self.port}"
-        return self
-
-    def stop(self):
-        self._call(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+# conftest's model_repo: lstm (3 features, 16 hidden, 2 layers), lm (LSTM over a
+# 12-word vocabulary, 1 layer), bi (bidirectional GRU, cannot stream)
+LSTM, TOKENS, BIDI = "lstm", "lm", "bi"
+FEATURES, HIDDEN, LAYERS, VOCAB = 3, 16, 2, 12
 
 
 @pytest.fixture(scope="module")
-def oip_server(tmp_path_factory):
-    torch.set_num_threads(1)
-    repo = tmp_path_factory.mktemp("oip-repo")
-    paths = {
-        LSTM: export(repo, LSTM, ModelConfig(cell="lstm", input_size=FEATURES, hidden=HIDDEN,
-                                             layers=LAYERS, output_size=FEATURES), seed=0),
-        TOKENS: export(repo, TOKENS, ModelConfig(cell="gru", vocab_size=VOCAB, embed_dim=8,
-                                                 hidden=HIDDEN, layers=LAYERS, head="tag",
-                                                 output_size=5), seed=1),
-    }
-    server = ServerThread(repo).start()
-    server.paths = paths
-    yield server
-    server.stop()
+def oip_server(server, model_repo):
+    paths = {name: model_repo / name / "1" / "model.onnx" for name in (LSTM, TOKENS, BIDI)}
+    return SimpleNamespace(address=server.target, paths=paths, repo=model_repo)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +52,9 @@ def reference(oip_server):
         feeds = {"x": x}
         for i in sess.get_inputs()[1:]:
             given = {"h0": h0, "c0": c0}[i.name]
+            rows = i.shape[0]  # layers * directions, fixed in the file
             feeds[i.name] = given if given is not None else \
-                np.zeros((LAYERS, x.shape[0], HIDDEN), np.float32)
+                np.zeros((rows, x.shape[0], HIDDEN), np.float32)
         return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
     return run
@@ -147,7 +96,8 @@ def test_model_metadata(client):
     assert outputs == {"y": ("FP32", [-1, -1, FEATURES]),
                        "hn": ("FP32", [LAYERS, -1, HIDDEN]), "cn": ("FP32", [LAYERS, -1, HIDDEN])}
     tokens = client.get_model_metadata(TOKENS, as_json=True)
-    assert [(t["name"], t["datatype"]) for t in tokens["inputs"]] == [("x", "INT64"), ("h0", "FP32")]
+    assert [(t["name"], t["datatype"]) for t in tokens["inputs"]] == [
+        ("x", "INT64"), ("h0", "FP32"), ("c0", "FP32")]
     with pytest.raises(InferenceServerException) as err:
         client.get_model_metadata("no-such-model")
     assert err.value.status() == "StatusCode.NOT_FOUND"
@@ -375,39 +325,32 @@ def test_bad_requests_do_not_end_the_stream(client, reference):
 
 def test_sessions_hand_over_between_native_and_oip(client, oip_server, reference):
     """A sequence started on the native API continues on OIP, and the other way round."""
-    from protos.seqserve.v1 import inference_pb2 as native_pb
-    from protos.seqserve.v1 import inference_pb2_grpc as native_grpc
+    from serving.client import Client
 
     rng = np.random.default_rng(9)
     a, b = series(rng, 1, 60), series(rng, 1, 60)
-
-    def native_step(stub, t, x, **seq):
-        step = native_pb.StepRequest(model=LSTM, x=native_pb.Tensor(shape=[1, FEATURES],
-                                                                    float_data=x[0, t].tolist()),
-                                     start=t == 0, end=t == 59, **seq)
-        reply = stub.Step(step)
-        return np.asarray(reply.y.float_data, np.float32).reshape(tuple(reply.y.shape))
-
-    with grpc.insecure_channel(oip_server.address) as channel:
-        stub = native_grpc.InferenceStub(channel)
-        # native first 30 steps, OIP (integer sequence_id) the rest
-        got_a = [native_step(stub, t, a, sequence_id=9001) for t in range(30)]
+    with Client(oip_server.address) as native:
+        # native Step for the first 30 steps, OIP infer (integer sequence_id) for the rest
+        got_a = [native.step(LSTM, 9001, a[0, t:t + 1], start=t == 0)[0] for t in range(30)]
         for t in range(30, 60):
             result = client.infer(LSTM, [infer_input("x", a[:, t:t + 1])], sequence_id=9001,
                                   sequence_end=t == 59)
             got_a.append(result.as_numpy("y")[0])
-        # OIP stream first (string sequence_id), native the rest
+        # OIP stream (string sequence_id) first, native StreamSteps for the rest
         requests = [([infer_input("x", b[:, t:t + 1])],
                      dict(model_name=LSTM, request_id=str(t), sequence_id="handover",
                           sequence_start=t == 0)) for t in range(30)]
         results = _stream_results(client, requests)
         got_b = [results[str(t)].as_numpy("y")[0] for t in range(30)]
-        got_b += [native_step(stub, t, b, sequence_key="handover") for t in range(30, 60)]
-        # ended through the native API: OIP no longer knows it
-        status, message = _error(lambda: client.infer(LSTM, [infer_input("x", b[:, :1])],
-                                                      sequence_id="handover"))
-        assert status == "StatusCode.INVALID_ARGUMENT" and "START flag" in message
-
+        with native.stream(LSTM) as stream:
+            for t in range(30, 60):
+                y, position = stream.step("handover", b[0, t:t + 1], end=t == 59)
+                got_b.append(y)
+        assert position == 60
+    # ended through the native API: OIP no longer knows it
+    status, message = _error(lambda: client.infer(LSTM, [infer_input("x", b[:, :1])],
+                                                  sequence_id="handover"))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "START flag" in message
     for x, got in ((a, got_a), (b, got_b)):
         assert np.abs(np.concatenate(got) - reference(LSTM, x)["y"][0]).max() <= TOL
 
@@ -468,10 +411,23 @@ def test_bench_command_runs(oip_server, capsys):
 
     from serving import oip_bench
 
-    repo = str(oip_server.paths[LSTM].parents[2])
+    repo = str(oip_server.repo)
     assert oip_bench.main(["--repo", repo, "--model", LSTM, "--steps", "5", "--rounds", "1",
                            "--warmup", "2"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["path"] for r in rows] == list(oip_bench.PATHS)
     assert all(r["steps"] == 5 and r["p50_us"] > 0 for r in rows)
     assert oip_bench.main(["--repo", repo, "--model", TOKENS]) == 2  # cannot stream float steps
+
+
+def test_bidirectional_model_answers_whole_sequences_only(client, reference):
+    meta = client.get_model_metadata(BIDI, as_json=True)
+    assert {t["name"]: [int(d) for d in t["shape"]] for t in meta["inputs"]} == {
+        "x": [-1, -1, FEATURES], "h0": [2, -1, HIDDEN]}  # 1 layer x 2 directions
+    x = series(np.random.default_rng(12), 2, 9)
+    result = client.infer(BIDI, [infer_input("x", x)])
+    np.testing.assert_allclose(result.as_numpy("y"), reference(BIDI, x)["y"], atol=1e-5, rtol=0)
+    status, message = _error(lambda: client.infer(BIDI, [infer_input("x", x[:1, :1])],
+                                                  sequence_id=3, sequence_start=True))
+    assert status == "StatusCode.FAILED_PRECONDITION"
+    assert "cannot keep a sequence; send the whole sequence without sequence_id" in message
