@@ -1,0 +1,97 @@
+"""Each compose service's command, run on this host as its container would run
+it (volumes -> temporary folders, container ports -> free host ports, env
+from the compose file): the trainer publishes the default model and skips a
+second time, the server passes the declared health check, and SIGTERM within
+stop_grace_period leaves a snapshot that the next start restores."""
+from __future__ import annotations
+
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from deploy_helpers import HostService, duration_s, stop, tail
+from seqserve import artifact
+
+pytestmark = pytest.mark.slow
+
+
+def test_trainer_publishes_the_default_model(trained):
+    repo, name = trained["repo"], trained["model"]
+    assert artifact.versions(repo, name) == [1]
+    info = artifact.load_model_info(artifact.model_path(repo, name))
+    assert (info.task, info.cell) == ("sine", "lstm")  # the compose defaults
+    assert f"published {name}" in trained["result"].stdout
+
+
+def test_trainer_skips_when_the_model_exists(trained):
+    model = artifact.model_path(trained["repo"], trained["model"])
+    checkpoint = trained["runs"] / trained["model"] / "checkpoint.pt"
+    before = (model.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns)
+    again = trained["trainer"].run(timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout
+    assert artifact.versions(trained["repo"], trained["model"]) == [1]
+    assert (model.stat().st_mtime_ns, checkpoint.stat().st_mtime_ns) == before, "trained or exported again"
+
+
+def _stub(port: int):
+    import grpc
+
+    from protos.seqserve.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, pb, pb_grpc.InferenceStub(channel)
+
+
+def _step(port: int, model: str, sequence_id: int, value: float, start: bool):
+    channel, pb, stub = _stub(port)
+    with channel:
+        reply = stub.Step(pb.StepRequest(model=model, sequence_id=sequence_id, start=start,
+                                         x=pb.Tensor(shape=[1], float_data=[value])), timeout=30)
+    return reply.position, np.asarray(reply.y.float_data, np.float32)
+
+
+def test_server_is_healthy_and_keeps_sessions_across_sigterm(trained, volume_dirs, tmp_path):
+    doc, name = trained["doc"], trained["model"]
+    server = HostService.create(doc, "server", volume_dirs)
+    grace_s = duration_s(server.spec["stop_grace_period"])
+    state = server.volumes[server.spec["command"][server.spec["command"].index("--state-dir") + 1]]
+    grpc_port, metrics_port = server.ports[50051], server.ports[8002]
+    log = tmp_path / "server.log"
+    inputs = [0.5, -0.25, 0.75]
+
+    proc = server.start(log)
+    try:
+        print(f"server healthy after {server.wait_healthy(proc, log):.1f}s")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"# TYPE" in r.read()
+        position, _ = _step(grpc_port, name, 4242, inputs[0], start=True)
+        assert position == 1
+        position, _ = _step(grpc_port, name, 4242, inputs[1], start=False)
+        assert position == 2
+        code = stop(proc, grace_s)  # what `docker compose stop` does
+    finally:
+        stop(proc, 5)
+    assert code == 0, f"server did not exit cleanly within stop_grace_period ({grace_s}s): {code}\n{tail(log)}"
+    snapshot = state / f"{name}.npz"
+    assert snapshot.is_file(), f"no snapshot in the state volume: {sorted(p.name for p in state.iterdir())}"
+
+    # `restart: unless-stopped` / `docker compose up` again: same volumes, the session is back
+    server = HostService.create(doc, "server", volume_dirs)
+    proc = server.start(log)
+    try:
+        server.wait_healthy(proc, log)
+        position, y = _step(server.ports[50051], name, 4242, inputs[2], start=False)
+        assert stop(proc, grace_s) == 0, tail(log)
+    finally:
+        stop(proc, 5)
+    assert position == 3
+    # independent reference: ONNX Runtime on the whole sequence, last step
+    sess = ort.InferenceSession(str(artifact.model_path(trained["repo"], name)), providers=["CPUExecutionProvider"])
+    feeds = {"x": np.asarray(inputs, np.float32).reshape(1, -1, 1)}  # (B=1, T=3, F=1)
+    for i in sess.get_inputs()[1:]:  # h0, c0: zero state, (layers*dirs, B=1, hidden)
+        feeds[i.name] = np.zeros([1 if d == "batch" else d for d in i.shape], np.float32)
+    want = sess.run(["y"], feeds)[0][0, -1]  # (outputs,)
+    np.testing.assert_allclose(y.reshape(-1), want.reshape(-1), atol=1e-4)
