@@ -16,6 +16,10 @@ from serving.runtime.inputs import check_batch, check_state
 
 log = logging.getLogger("seqserve.ort")
 
+# The CUDA fallback would print a multi-line error per session; we log the
+# provider really used instead (below).
+ort.set_default_logger_severity(4)
+
 WANTED_PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
