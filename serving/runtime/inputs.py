@@ -50,7 +50,10 @@ def check_steps(info: ModelInfo, x: np.ndarray, max_steps: int) -> np.ndarray:
             raise InvalidArgument(
                 f"step input for token model {info.name!r} must have shape (T,), got {x.shape}")
     else:
-        if x.ndim == 1 and x.shape[0] == info.input_features:
+        if x.ndim == 1:
+            if x.shape[0] != info.input_features:
+                raise InvalidArgument(
+                    f"model {info.name!r} takes {info.input_features} features per step, got {x.shape[0]}")
             x = x.reshape(1, -1)  # (F,) -> (1, F)
         if x.ndim != 2:
             raise InvalidArgument(

@@ -1,0 +1,62 @@
+"""`seqserve predict` and `seqserve stream` round trips against a real server."""
+import subprocess
+import sys
+
+import numpy as np
+
+
+def _run(args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "seqserve", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_predict_npy_and_csv(server, model_repo, kit, tmp_path):
+    x = np.random.default_rng(30).standard_normal((2, 7, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = _run(["predict", "--target", server.target, "--model", "gru", "--input", str(tmp_path / "x.npy")])
+    assert r.returncode == 0, r.stderr
+    want = kit.ort_reference(model_repo / "gru/1/model.onnx", x)["y"][:, -1]  # (2, 3)
+    lines = [l for l in r.stdout.splitlines() if "step 6:" in l]
+    got = np.array([[float(kv.split("=")[1]) for kv in l.split(":", 1)[1].split()] for l in lines])
+    assert np.abs(got - want).max() < 1e-4
+    (tmp_path / "x.csv").write_text("a,b,c\n" + "\n".join(",".join(map(str, row)) for row in x[0]))
+    r = _run(["predict", "--target", server.target, "--model", "gru", "--input", str(tmp_path / "x.csv")])
+    assert r.returncode == 0, r.stderr
+    got = [float(kv.split("=")[1]) for kv in r.stdout.splitlines()[-1].split(":", 1)[1].split()]
+    assert np.abs(np.array(got) - want[0]).max() < 1e-4
+
+
+def test_predict_text_prints_top_words(server):
+    r = _run(["predict", "--target", server.target, "--model", "lm", "--text", "the cat sat", "--top-k", "2"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the cat sat:") and len(r.stdout.splitlines()[1].split()) == 6
+
+
+def test_stream_from_stdin_prints_each_step(server, model_repo, kit):
+    x = np.random.default_rng(31).standard_normal((6, 3)).astype(np.float32)
+    lines = "\n".join(" ".join(f"{v:.9g}" for v in row) for row in x) + "\n"
+    r = _run(["stream", "--target", server.target, "--model", "rnn", "--sequence", "cli-test"], stdin=lines)
+    assert r.returncode == 0, r.stderr
+    got = np.array([[float(kv.split("=")[1]) for kv in l.split()] for l in r.stdout.splitlines()])
+    want = kit.ort_reference(model_repo / "rnn/1/model.onnx", x[None].astype(np.float32))["y"][0]
+    assert got.shape == (6, 3) and np.abs(got - want).max() < 1e-4
+
+
+def test_stream_skips_a_bad_line_and_lm_prints_next_words(server):
+    r = _run(["stream", "--target", server.target, "--model", "lm", "--top-k", "3"],
+             stdin="the cat\n\nsat on\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert len(out) == 2 and all(len(l.split()) == 6 for l in out)
+    r = _run(["stream", "--target", server.target, "--model", "rnn"], stdin="1 2 3\nabc\n1 2\n4 5 6\n")
+    assert r.returncode == 0
+    assert len(r.stdout.splitlines()) == 2
+    assert "line 2: not numbers" in r.stderr and "line 3" in r.stderr and "features" in r.stderr
+
+
+def test_cli_errors_are_one_line(server, tmp_path):
+    r = _run(["predict", "--target", server.target, "--model", "nope", "--text", "x"])
+    assert r.returncode != 0 and "NOT_FOUND" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _run(["predict", "--target", server.target, "--model", "gru", "--input", str(tmp_path / "no.npy")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
