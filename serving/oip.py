@@ -14,6 +14,12 @@ API, so existing tritonclient / KServe tooling works unchanged:
                                         answers error_message and the stream
                                         stays open (as Triton does)
 
+A sequence request carries x as (1, T, F) floats or (1, T) token ids (T >= 1
+steps), answers y (1, T, out) and the response parameter `sequence_position`
+(steps taken so far); the state stays on the server, so h0/c0 in and hn/cn
+out are refused there. As in Triton, a sequence belongs to no stream: it
+lives until sequence_end, until it idles out, or until a START restarts it.
+
 The servicer is thin: codec (serving.oip_codec) -> runtime -> codec. Message
 classes come from protos.inference.messages (a private descriptor pool, so
 this module can share a process with tritonclient).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import numpy as np
@@ -65,6 +72,8 @@ class InferenceServicer:
     def __init__(self, registry, sessions):
         self.registry = registry
         self.sessions = sessions
+        self._infer_latency = metrics.latency("oip.ModelInfer")
+        self._stream_latency = metrics.latency(STREAM_METHOD)
 
     # ---- health and metadata ---------------------------------------------------
 
@@ -104,7 +113,10 @@ class InferenceServicer:
 
     @errors.unary("oip.ModelInfer")
     async def ModelInfer(self, request, context):
-        return await self._infer(request, tenant_of(context))
+        t0 = time.perf_counter()
+        reply = await self._infer(request, tenant_of(context))
+        self._infer_latency.observe(time.perf_counter() - t0)
+        return reply
 
     @errors.unary(STREAM_METHOD)  # a coroutine that writes, so the unary decorator fits
     async def ModelStreamInfer(self, request_iterator, context):
@@ -122,9 +134,11 @@ class InferenceServicer:
         tasks: set[asyncio.Task] = set()
 
         async def answer(request):
+            t0 = time.perf_counter()
             try:
                 reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request, tenant))
                 metrics.observe_request(STREAM_METHOD, "OK")
+                self._stream_latency.observe(time.perf_counter() - t0)
             except Exception as exc:  # noqa: BLE001 - one bad request never ends the stream
                 code, message = errors.classify(exc, STREAM_METHOD)
                 metrics.observe_request(STREAM_METHOD, code)

@@ -1,7 +1,7 @@
 """Per-step latency: the Open Inference Protocol (tritonclient) vs the native API.
 
     python -m serving.oip_bench [--repo model_repository] [--model NAME]
-                                [--steps 400] [--rounds 5] [--json FILE]
+                                [--steps 100] [--rounds 20] [--json FILE]
 
 Starts the seqserve server in its own process, then drives ONE session step by
 step (each step waits for its answer) along these paths, in the same run:
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.oip_bench", description=__doc__.split("\n")[0])
     p.add_argument("--repo", default=artifact.DEFAULT_REPO, help="model repository")
     p.add_argument("--model", default=None, help="model to drive (default: first that streams)")
-    p.add_argument("--steps", type=int, default=400, help="steps per path per round")
-    p.add_argument("--rounds", type=int, default=5, help="rounds; paths take turns each round")
+    p.add_argument("--steps", type=int, default=100, help="steps per path per round")
+    p.add_argument("--rounds", type=int, default=20, help="rounds; paths take turns each round")
     p.add_argument("--warmup", type=int, default=100, help="untimed steps per path first")
     p.add_argument("--json", default="", help="also write the JSON rows to this file")
     args = p.parse_args(argv)
