@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import _utils as triton_utils
 
 from protos.inference import messages as pb
@@ -195,3 +197,44 @@ def test_sequence_parameter_errors():
     request.parameters["sequence_end"].int64_param = 1
     with pytest.raises(InvalidArgument, match="'sequence_end' must be a bool_param"):
         codec.sequence_control(request)
+
+
+# ---- properties over random shapes and datatypes, with tritonclient as the reference ----
+
+DTYPES = [np.float32, np.float64, np.int64, np.int32]
+
+
+@st.composite
+def arrays(draw):
+    shape = tuple(draw(st.lists(st.integers(0, 4), min_size=1, max_size=4)))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**32 - 1))
+    values = np.random.default_rng(seed).normal(size=shape) * 1000
+    return values.astype(dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(), st.integers(-3, 3))
+def test_raw_decode_matches_tritonclient_encoding(array, extra_bytes):
+    request = triton_request({"x": array})
+    if extra_bytes == 0:
+        np.testing.assert_array_equal(codec.decode_inputs(request)["x"], array)
+        return
+    raw = request.raw_input_contents[0]
+    request.raw_input_contents[0] = raw + b"\0" * extra_bytes if extra_bytes > 0 else raw[:extra_bytes]
+    if len(request.raw_input_contents[0]) == len(raw):  # nothing to cut from an empty tensor
+        return
+    with pytest.raises(InvalidArgument, match=f"needs {array.nbytes} bytes"):
+        codec.decode_inputs(request)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays())
+def test_encoded_outputs_decode_in_tritonclient(array):
+    response = codec.encode_response(pb.ModelInferResponse(), {"y": array}, ["y"])
+    result = triton.InferResult(
+        triton.service_pb2.ModelInferResponse.FromString(response.SerializeToString()))
+    assert response.outputs[0].datatype == triton.np_to_triton_dtype(array.dtype)
+    got = result.as_numpy("y")
+    assert got.dtype == array.dtype and got.shape == array.shape
+    np.testing.assert_array_equal(got, array)
