@@ -54,7 +54,7 @@ class _CpuState:
     def advance(self, x, tok, slots, B, T):
         """x (B, T, F) float32 or None, tok (B, T) int64 or None -> y (B, T, out)."""
         y = np.empty((B, T, self.spec.output_size), np.float32)
-        run = self.parallel if B >= self.parallel_min else self.serial
+        run = self.parallel if 0 < self.parallel_min <= B else self.serial
         code, row = run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
                         slots, self.h, self.c, y, self.params, self.meta, self.seen)
         return y, code, row
@@ -65,7 +65,7 @@ class _CpuState:
         c = np.zeros_like(h) if self.spec.has_cell_state else self.c
         x, tok = _zeros_input(self.spec, 1, 1)
         slots = np.zeros(1, np.int64)
-        for run in (self.serial, self.parallel):
+        for run in (self.serial, self.parallel) if self.parallel_min > 0 else (self.serial,):
             y = np.empty((1, 1, self.spec.output_size), np.float32)
             run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
                 slots, h, c, y, self.params, self.meta, np.zeros(1, np.uint8))
@@ -248,6 +248,33 @@ class Cell:
         if self.spec.has_cell_state and cc is None:
             raise CellError("an LSTM slot needs both h and c")
         self._state.set(s, hh, cc)
+
+    def read_many(self, slots) -> dict:
+        """{"h": (N, layers, hidden)[, "c": ...]} copies for many slots (snapshots)."""
+        slots = self._slots(slots)
+        if slots.size and (slots.min() < 0 or slots.max() >= self.capacity):
+            raise CellError(f"slots must be in [0, {self.capacity}), got {slots.min()}..{slots.max()}")
+        return self._state.get(slots)
+
+    def write_many(self, slots, h, c=None):
+        """Set many slots at once: h (N, layers, hidden)[, c likewise]."""
+        slots = self._slots(slots)
+        if slots.size and (slots.min() < 0 or slots.max() >= self.capacity):
+            raise CellError(f"slots must be in [0, {self.capacity}), got {slots.min()}..{slots.max()}")
+        shape = (len(slots), self.spec.layers, self.spec.hidden)
+        arrays = {}
+        for name, v in (("h", h), ("c", c)):
+            if v is None:
+                continue
+            if name == "c" and not self.spec.has_cell_state:
+                raise CellError(f"a {self.spec.cell.upper()} has no cell state: do not pass c")
+            a = np.asarray(v, dtype=np.float32)
+            if a.shape != shape:
+                raise CellError(f"{name} must have shape (N, layers, hidden) = {shape}, got {a.shape}")
+            arrays[name] = a
+        if self.spec.has_cell_state and "c" not in arrays:
+            raise CellError("LSTM slots need both h and c")
+        self._state.set(slots, arrays["h"], arrays.get("c"))
 
     def copy(self, src, dst):
         """Fork: dst gets src's state (a what-if rollout from the same point)."""

@@ -26,22 +26,29 @@ Numerics on purpose:
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import float32, njit, prange
 
 from numba_cells.packing import (L_B, L_P, L_R, L_RBH, L_RH, L_W, M_ACT, M_EMB, M_HEAD_B,
                                  M_HEAD_W, M_HIDDEN, M_IN, M_IN_SCALE, M_IN_SHIFT, M_LAYER0,
-                                 M_LAYERS, M_LBR, M_OUT, M_OUT_SCALE, M_OUT_SHIFT, M_TOKENS,
+                                 M_LAYERS, M_LBR, M_OUT, M_OUT_SCALE, M_OUT_SHIFT, M_PEEP, M_TOKENS,
                                  M_VOCAB, PER_LAYER)
-from numba_cells.scalar import ACT_LOGSOFTMAX, ACT_SOFTMAX, activate, gru_unit, lstm_unit, sigmoid, tanh
+from numba_cells.scalar import (ACT_LOGSOFTMAX, ACT_SOFTMAX, activate, exp32, gru_unit,
+                                lstm_cell_state, lstm_hidden, sigmoid, tanh)
 
 FASTMATH = {"contract"}
 TILE = 8
 ERR_SLOT_RANGE, ERR_SLOT_DUP, ERR_TOKEN = 1, 2, 3
-# batches at least this big use the prange kernels (threads cost a few us to wake)
-PARALLEL_MIN_BATCH = 64
+# Batches at least this big use the prange kernels; 0 turns them off (the default).
+# On this project's shared 2-core machine (load ~10) the threads straggled:
+# batch 64 took 8.7 ms with prange vs ~1.1 ms serial, so they are opt-in.
+PARALLEL_MIN_BATCH = int(os.environ.get("SEQSERVE_CELL_PARALLEL_MIN_BATCH", "0"))
 
-_jit = dict(cache=True, fastmath=FASTMATH, nogil=True)
+# error_model="numpy": no ZeroDivisionError branch per division, which would
+# block vectorisation of the gate loops (a division by zero cannot happen there)
+_jit = dict(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 
 
 @njit(**_jit)
@@ -74,14 +81,32 @@ def check_batch(slots, tok, seen, meta):
 
 @njit(**_jit)
 def gemv_tile(acc, stride, col0, ncols, nr, params, off, vec, width):
-    """acc[r, col0:col0+ncols] += vec[r, :width] @ W, W = params[off:] as (width, ncols)."""
-    for k in range(width):
-        base = off + k * ncols
+    """acc[r, col0:col0+ncols] += vec[r, :width] @ W, W = params[off:] as (width, ncols).
+
+    Slices rather than `acc[a0 + j]`: a computed signed index makes Numba emit a
+    negative-index wraparound per element, which blocks vectorisation (10x slower).
+    Four weight rows per pass cut the loads and stores of `acc` by four.
+    """
+    k4 = width - width % 4
+    for k in range(0, k4, 4):
+        b = off + k * ncols
+        w0 = params[b: b + ncols]
+        w1 = params[b + ncols: b + 2 * ncols]
+        w2 = params[b + 2 * ncols: b + 3 * ncols]
+        w3 = params[b + 3 * ncols: b + 4 * ncols]
+        for r in range(nr):
+            xr = vec[r * width + k: r * width + k + 4]
+            v0, v1, v2, v3 = xr[0], xr[1], xr[2], xr[3]
+            a = acc[r * stride + col0: r * stride + col0 + ncols]
+            for j in range(ncols):
+                a[j] = a[j] + w0[j] * v0 + w1[j] * v1 + w2[j] * v2 + w3[j] * v3
+    for k in range(k4, width):
+        w = params[off + k * ncols: off + (k + 1) * ncols]
         for r in range(nr):
             v = vec[r * width + k]
-            a0 = r * stride + col0
+            a = acc[r * stride + col0: r * stride + col0 + ncols]
             for j in range(ncols):
-                acc[a0 + j] += params[base + j] * v
+                a[j] += w[j] * v
 
 
 @njit(**_jit)
@@ -92,32 +117,29 @@ def load_input(b0, nr, t, x, tok, params, meta, inp):
         oe = meta[M_EMB]
         for r in range(nr):
             base = oe + tok[b0 + r, t] * F
-            for k in range(F):
-                inp[r * F + k] = params[base + k]
+            inp[r * F: (r + 1) * F] = params[base: base + F]
     elif meta[M_IN_SCALE] >= 0:
         osc, osh = meta[M_IN_SCALE], meta[M_IN_SHIFT]
+        sc, sh = params[osc: osc + F], params[osh: osh + F]
         for r in range(nr):
+            xr, dst = x[b0 + r, t], inp[r * F: (r + 1) * F]
             for k in range(F):
-                inp[r * F + k] = x[b0 + r, t, k] * params[osc + k] + params[osh + k]
+                dst[k] = xr[k] * sc[k] + sh[k]
     else:
         for r in range(nr):
-            for k in range(F):
-                inp[r * F + k] = x[b0 + r, t, k]
+            inp[r * F: (r + 1) * F] = x[b0 + r, t]
 
 
 @njit(**_jit)
 def gather_state(b0, nr, slots, h, l, hv, H):
     for r in range(nr):
-        s = slots[b0 + r]
-        for k in range(H):
-            hv[r * H + k] = h[s, l, k]
+        hv[r * H: (r + 1) * H] = h[slots[b0 + r], l]
 
 
 @njit(**_jit)
 def fill_bias(acc, nr, ncols, params, off):
     for r in range(nr):
-        for j in range(ncols):
-            acc[r * ncols + j] = params[off + j]
+        acc[r * ncols: (r + 1) * ncols] = params[off: off + ncols]
 
 
 @njit(**_jit)
@@ -127,36 +149,36 @@ def head_tile(b0, nr, t, y, params, meta, inp):
     ow, ob = meta[M_HEAD_W], meta[M_HEAD_B]
     act = meta[M_ACT]
     for r in range(nr):
-        for o in range(O):
-            y[b0 + r, t, o] = params[ob + o]
-    for k in range(H):
-        base = ow + k * O
-        for r in range(nr):
-            v = inp[r * H + k]
+        yr = y[b0 + r, t]  # (O,)
+        yr[:] = params[ob: ob + O]
+        hr = inp[r * H: (r + 1) * H]
+        for k in range(H):
+            w = params[ow + k * O: ow + (k + 1) * O]
+            v = hr[k]
             for o in range(O):
-                y[b0 + r, t, o] += params[base + o] * v
-    for r in range(nr):
+                yr[o] += w[o] * v
         if act == ACT_SOFTMAX or act == ACT_LOGSOFTMAX:
-            m = y[b0 + r, t, 0]
+            m = yr[0]
             for o in range(1, O):
-                m = max(m, y[b0 + r, t, o])
+                m = max(m, yr[o])
             total = float32(0.0)
             for o in range(O):
-                total += np.exp(y[b0 + r, t, o] - m)
+                total += exp32(yr[o] - m)
             if act == ACT_SOFTMAX:
                 for o in range(O):
-                    y[b0 + r, t, o] = np.exp(y[b0 + r, t, o] - m) / total
+                    yr[o] = exp32(yr[o] - m) / total
             else:
                 lse = m + np.log(total)
                 for o in range(O):
-                    y[b0 + r, t, o] = y[b0 + r, t, o] - lse
+                    yr[o] = yr[o] - lse
         elif act != 0:
             for o in range(O):
-                y[b0 + r, t, o] = activate(y[b0 + r, t, o], act)
+                yr[o] = activate(yr[o], act)
         if meta[M_OUT_SCALE] >= 0:
-            osc, osh = meta[M_OUT_SCALE], meta[M_OUT_SHIFT]
+            sc = params[meta[M_OUT_SCALE]: meta[M_OUT_SCALE] + O]
+            sh = params[meta[M_OUT_SHIFT]: meta[M_OUT_SHIFT] + O]
             for o in range(O):
-                y[b0 + r, t, o] = y[b0 + r, t, o] * params[osc + o] + params[osh + o]
+                yr[o] = yr[o] * sc[o] + sh[o]
 
 
 @njit(**_jit)
@@ -171,17 +193,36 @@ def lstm_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         gather_state(b0, nr, slots, h, l, hv, H)
         gemv_tile(gates, G, 0, G, nr, params, meta[lb + L_W], inp, width)  # (nr, 4H)
         gemv_tile(gates, G, 0, G, nr, params, meta[lb + L_R], hv, H)
+        peep = meta[M_PEEP]
         op = meta[lb + L_P]
+        pi, po, pf = params[op: op + H], params[op + H: op + 2 * H], params[op + 2 * H: op + 3 * H]
         for r in range(nr):
-            s = slots[b0 + r]
             g = r * G
+            # Slices, and one phase per loop: a loop that reads and writes many
+            # arrays needs more runtime alias checks than LLVM will emit, and then
+            # it stays scalar (measured: 27 ns per unit fused, 5 ns split).
+            gi, go = gates[g: g + H], gates[g + H: g + 2 * H]
+            gf, gc = gates[g + 2 * H: g + 3 * H], gates[g + 3 * H: g + 4 * H]
+            hs, cs = h[slots[b0 + r], l], c[slots[b0 + r], l]
+            if peep:
+                for j in range(H):
+                    gi[j] += pi[j] * cs[j]
+                for j in range(H):
+                    gf[j] += pf[j] * cs[j]
             for j in range(H):
-                hn, cn = lstm_unit(gates[g + j], gates[g + H + j], gates[g + 2 * H + j],
-                                   gates[g + 3 * H + j], c[s, l, j],
-                                   params[op + j], params[op + H + j], params[op + 2 * H + j])
-                h[s, l, j] = hn
-                c[s, l, j] = cn
-                inp[r * H + j] = hn  # next layer's input
+                gi[j] = sigmoid(gi[j])
+            for j in range(H):
+                gf[j] = sigmoid(gf[j])
+            for j in range(H):
+                gc[j] = tanh(gc[j])
+            for j in range(H):
+                cs[j] = lstm_cell_state(gi[j], gf[j], gc[j], cs[j])
+            if peep:
+                for j in range(H):
+                    go[j] += po[j] * cs[j]
+            for j in range(H):
+                hs[j] = lstm_hidden(go[j], cs[j])
+            inp[r * H: (r + 1) * H] = hs  # next layer's input
         width = H
     head_tile(b0, nr, t, y, params, meta, inp)
 
@@ -206,30 +247,32 @@ def gru_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
             # n = tanh(Wn x + Wbn + r * (Rn h + Rbn))
             gemv_tile(cand, H, 0, H, nr, params, meta[lb + L_RH], hv, H)
             for r in range(nr):
-                s = slots[b0 + r]
                 g = r * G
+                gz, gr, gn = gates[g: g + H], gates[g + H: g + 2 * H], gates[g + 2 * H: g + G]
+                cr = cand[r * H: (r + 1) * H]
+                for j in range(H):  # one phase per loop: see lstm_tile
+                    gr[j] = sigmoid(gr[j])
                 for j in range(H):
-                    z = sigmoid(gates[g + j])
-                    rr = sigmoid(gates[g + H + j])
-                    n = tanh(gates[g + 2 * H + j] + rr * cand[r * H + j])
-                    hn = gru_unit(z, n, hv[r * H + j])
-                    h[s, l, j] = hn
-                    inp[r * H + j] = hn
+                    gn[j] = tanh(gn[j] + gr[j] * cr[j])
         else:
             # n = tanh(Wn x + Wbn + Rn (r * h) + Rbn): r is needed for all units first
             for r in range(nr):
+                gr, hp, dst = gates[r * G + H: r * G + 2 * H], hv[r * H: (r + 1) * H], rh[r * H: (r + 1) * H]
                 for j in range(H):
-                    rh[r * H + j] = sigmoid(gates[r * G + H + j]) * hv[r * H + j]
+                    dst[j] = sigmoid(gr[j]) * hp[j]
             gemv_tile(cand, H, 0, H, nr, params, meta[lb + L_RH], rh, H)
             for r in range(nr):
-                s = slots[b0 + r]
-                g = r * G
+                gn, cr = gates[r * G + 2 * H: (r + 1) * G], cand[r * H: (r + 1) * H]
                 for j in range(H):
-                    z = sigmoid(gates[g + j])
-                    n = tanh(gates[g + 2 * H + j] + cand[r * H + j])
-                    hn = gru_unit(z, n, hv[r * H + j])
-                    h[s, l, j] = hn
-                    inp[r * H + j] = hn
+                    gn[j] = tanh(gn[j] + cr[j])
+        for r in range(nr):
+            gz, gn = gates[r * G: r * G + H], gates[r * G + 2 * H: (r + 1) * G]
+            hp, hs = hv[r * H: (r + 1) * H], h[slots[b0 + r], l]
+            for j in range(H):
+                gz[j] = sigmoid(gz[j])
+            for j in range(H):
+                hs[j] = gru_unit(gz[j], gn[j], hp[j])
+            inp[r * H: (r + 1) * H] = hs
         width = H
     head_tile(b0, nr, t, y, params, meta, inp)
 
@@ -246,11 +289,10 @@ def rnn_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         gemv_tile(gates, H, 0, H, nr, params, meta[lb + L_W], inp, width)
         gemv_tile(gates, H, 0, H, nr, params, meta[lb + L_R], hv, H)
         for r in range(nr):
-            s = slots[b0 + r]
+            g, hs = gates[r * H: (r + 1) * H], h[slots[b0 + r], l]
             for j in range(H):
-                hn = tanh(gates[r * H + j])
-                h[s, l, j] = hn
-                inp[r * H + j] = hn
+                hs[j] = tanh(g[j])
+            inp[r * H: (r + 1) * H] = hs
         width = H
     head_tile(b0, nr, t, y, params, meta, inp)
 
