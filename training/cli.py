@@ -5,6 +5,7 @@ the run folder args.out itself. Before it is called, every flag the user left
 out is filled from, in order: the runner module's `DEFAULTS[task]` (a dict, if
 the module defines one), then COMMON_DEFAULTS below. So a runner always sees
 concrete values, and per-task defaults live beside the code they tune.
+DEFAULTS may be keyed by task ({"lm": {...}}) or flat ({"hidden": 128, ...}).
 
 Bad input raises ValueError with a one-line message; seqserve.cli prints it
 and exits 2 (no traceback).
@@ -28,7 +29,7 @@ RUNNERS = {
     "csv": "training.train:run",
     "sentiment2": "training.classify:run",
     "sentiment3": "training.classify:run",
-    "adding": "training.classify:run",
+    "adding": "training.adding:run",
     "ner": "training.ner:run",
     "lm": "training.lm:run",
 }
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--csv", metavar="FILE", help="csv task: file with a header row")
     f.add_argument("--columns", metavar="A,B,...", help="csv task: columns to forecast (all together)")
     f.add_argument("--noise", type=float, help="sine task: std of added Gaussian noise")
+    a = p.add_argument_group("adding problem")
+    a.add_argument("--lag", type=int, help="sequence length of the adding problem")
     x = p.add_argument_group("text (sentiment2, sentiment3, ner, lm)")
     x.add_argument("--max-examples", type=int, help="use only this many training examples (quick runs, tests)")
     x.add_argument("--min-freq", type=int, help="vocabulary: keep tokens seen at least this often in train")
@@ -98,7 +101,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.cell is not None and args.cell not in CELLS:
         raise ValueError(f"unknown cell {args.cell!r}: choose one of {', '.join(CELLS)}")
     for name in ("layers", "hidden", "embed_dim", "epochs", "batch_size", "window", "max_examples",
-                 "min_freq", "lr", "budget_s", "patience", "threads"):
+                 "min_freq", "lr", "budget_s", "patience", "threads", "lag"):
         _positive(args, name)
     for name in ("weight_decay", "clip", "noise"):
         _positive(args, name, allow_zero=True)
@@ -126,9 +129,16 @@ def load_runner(task: str):
     return module, getattr(module, func)
 
 
+def task_defaults(module, task: str) -> dict:
+    """The runner module's defaults for `task`: DEFAULTS[task], or DEFAULTS itself when flat."""
+    d = getattr(module, "DEFAULTS", None) or {}
+    if isinstance(d.get(task), dict):
+        return d[task]
+    return {k: v for k, v in d.items() if not isinstance(v, dict)}
+
+
 def fill_defaults(args: argparse.Namespace, module) -> None:
-    task_defaults = getattr(module, "DEFAULTS", {}).get(args.task, {})
-    for key, value in {**COMMON_DEFAULTS, **task_defaults}.items():
+    for key, value in {**COMMON_DEFAULTS, **task_defaults(module, args.task)}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
 

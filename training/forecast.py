@@ -139,7 +139,7 @@ def co2_series() -> Series:
     # 59 weeks are missing; fill them along the time axis (no gap is at either end).
     filled = df["co2"].interpolate(method="time").bfill().ffill()
     idx = df.index
-    years = (idx.year + (idx.dayofyear - 1) / 365.25).to_numpy(np.float64)
+    years = (idx.year + (idx.day_of_year - 1) / 365.25).to_numpy(np.float64)
     return Series(filled.to_numpy(np.float64)[:, None], ["co2"], years, "year", "ppm")
 
 
