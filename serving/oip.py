@@ -83,8 +83,8 @@ class InferenceServicer:
 
     @errors.unary("oip.ServerReady")
     async def ServerReady(self, request, context):
-        ready = self.registry.ready and len(self.registry) > 0 and not self.sessions.closing
-        return pb.ServerReadyResponse(ready=ready)
+        # as the health service: ready once the repository is loaded, until shutdown
+        return pb.ServerReadyResponse(ready=self.registry.ready and not self.sessions.closing)
 
     @errors.unary("oip.ModelReady")
     async def ModelReady(self, request, context):
@@ -105,8 +105,10 @@ class InferenceServicer:
         inputs, outputs = codec.model_specs(model.info)
         reply = pb.ModelMetadataResponse(name=model.name, versions=[str(model.version)],
                                          platform=PLATFORM)
-        for spec, into in [(s, reply.inputs) for s in inputs] + [(s, reply.outputs) for s in outputs]:
-            into.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        for spec in inputs:
+            reply.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
+        for spec in outputs:
+            reply.outputs.add(name=spec.name, datatype=spec.datatype, shape=list(spec.shape))
         return reply
 
     # ---- inference ----------------------------------------------------------------

@@ -431,3 +431,20 @@ def test_bidirectional_model_answers_whole_sequences_only(client, reference):
                                                   sequence_id=3, sequence_start=True))
     assert status == "StatusCode.FAILED_PRECONDITION"
     assert "cannot keep a sequence; send the whole sequence without sequence_id" in message
+
+
+def test_shutting_down_is_not_ready_and_refuses_steps(client, server):
+    """During a graceful stop (sessions closed) OIP says not ready and answers UNAVAILABLE."""
+    x = np.zeros((1, 1, FEATURES), np.float32)
+    sessions = server.server.sessions
+    sessions.close()
+    try:
+        assert client.is_server_live()
+        assert not client.is_server_ready()
+        assert not client.is_model_ready(LSTM)
+        status, message = _error(lambda: client.infer(LSTM, [infer_input("x", x)], sequence_id=1,
+                                                      sequence_start=True))
+        assert status == "StatusCode.UNAVAILABLE" and "shutting down" in message
+    finally:
+        sessions.closing = False  # the module's server goes on serving the tests after this
+    assert client.is_server_ready()
