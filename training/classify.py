@@ -27,7 +27,8 @@ LENGTH_BUCKETS = (10, 20, 30, 40, 10_000)
 
 # Defaults chosen for these corpora (flags override them when given).
 DEFAULTS = dict(cell="lstm", layers=1, hidden=128, embed_dim=100, dropout=0.3, lr=2e-3,
-                batch_size=64, epochs=12, min_freq=2, patience=3, word_dropout=0.1)
+                batch_size=64, epochs=12, min_freq=2, patience=3, word_dropout=0.1,
+                weight_decay=1e-4)
 
 
 def _arg(args, name):
@@ -211,7 +212,7 @@ def run(args) -> dict:
     train_cfg = dict(epochs=int(_arg(args, "epochs")), lr=float(_arg(args, "lr")),
                      batch_size=batch_size, clip=1.0, patience=int(_arg(args, "patience")),
                      budget_s=getattr(args, "budget_s", None), word_dropout=word_dropout,
-                     weight_decay=1e-4, seed=seed)
+                     weight_decay=float(_arg(args, "weight_decay")), seed=seed)
     history = fit(model, lambda e: batches(data.train, batch_size, seed * 1000 + e, word_dropout),
                   loss_fn, val_fn=val_error,
                   epochs=train_cfg["epochs"], lr=train_cfg["lr"], clip=1.0,

@@ -83,40 +83,28 @@ def parse_args(argv):
 def step_latency(onnx_path: Path, repeats: int = 300) -> tuple[float, str]:
     """Median microseconds of one step at batch 1 of the served model, and how.
 
-    Prefers the Numba streaming cell (what `stream` sessions run); falls back
-    to ONNX Runtime with T=1 and the state fed back (what a step costs without it).
+    Prefers the Numba streaming cell (what `stream` sessions run: one session
+    slot, state kept inside the cell); falls back to ONNX Runtime with T=1 and
+    the state fed back when the cell cannot load the model.
     """
     try:
-        from numba_cells import load_cell  # type: ignore[attr-defined]
-    except ImportError:
-        load_cell = None
-    if load_cell is not None:
-        try:
-            return _numba_latency(load_cell(str(onnx_path)), onnx_path, repeats), "numba cell step"
-        except (TypeError, AttributeError, ValueError) as exc:  # API not as expected: say so, use ORT
-            print(f"compare: numba cell latency unavailable ({exc}); timing ONNX Runtime T=1",
-                  file=sys.stderr)
-    return _ort_latency(onnx_path, repeats), "ONNX Runtime run(), T=1"
-
-
-def _numba_latency(cell, onnx_path: Path, repeats: int) -> float:
+        from numba_cells import CellError, load_cell
+        cell = load_cell(str(onnx_path), device="cpu", capacity=1)
+    except (ImportError, ValueError) as exc:  # CellError is a ValueError
+        print(f"compare: numba cell unavailable for {onnx_path} ({exc}); timing ONNX Runtime T=1",
+              file=sys.stderr)
+        return _ort_latency(onnx_path, repeats), "ONNX Runtime run(), T=1"
     x = _step_input(onnx_path)
-    state = None
-    for _ in range(20):  # compile and warm up
-        _, state = _numba_step(cell, x, state)
+    x = x[:, 0]  # one step: (1,) token ids or (1, F) floats
+    slots = np.zeros(1, dtype=np.int64)
+    for _ in range(20):  # warm caches (load_cell already compiled the kernels)
+        cell.step(x, slots)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _, state = _numba_step(cell, x, state)
+        cell.step(x, slots)
         times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
-
-
-def _numba_step(cell, x, state):
-    out = cell.step(x, state)
-    if isinstance(out, tuple) and len(out) == 2:
-        return out
-    return out, state
+    return 1e6 * statistics.median(times), "numba cell step (CPU)"
 
 
 def _step_input(onnx_path: Path):
