@@ -448,3 +448,32 @@ def test_shutting_down_is_not_ready_and_refuses_steps(client, server):
     finally:
         sessions.closing = False  # the module's server goes on serving the tests after this
     assert client.is_server_ready()
+
+
+def test_asyncio_tritonclient_stream(oip_server, reference):
+    """tritonclient.grpc.aio's stream_infer (asyncio users) gets the same answers."""
+    import asyncio
+
+    import tritonclient.grpc.aio as triton_aio
+
+    x = series(np.random.default_rng(13), 1, 25)
+
+    async def run():
+        async def requests():
+            for t in range(25):
+                yield dict(model_name=LSTM, inputs=[infer_input("x", x[:, t:t + 1])],
+                           request_id=str(t), sequence_id=4242, sequence_start=t == 0,
+                           sequence_end=t == 24)
+
+        out = {}
+        async with triton_aio.InferenceServerClient(oip_server.address) as aio_client:
+            async for result, error in aio_client.stream_infer(requests()):
+                assert error is None, error
+                out[result.get_response().id] = result.as_numpy("y")[0]
+                if len(out) == 25:
+                    break
+        return out
+
+    out = asyncio.run(run())
+    got = np.concatenate([out[str(t)] for t in range(25)])
+    assert np.abs(got - reference(LSTM, x)["y"][0]).max() <= TOL
