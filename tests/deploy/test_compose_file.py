@@ -119,6 +119,9 @@ def test_services_follow_the_issue():
         test = s["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "deploy/healthcheck.py"]
         assert test[test.index("--port") + 1] == flag("--port")
+        # ...for the default model by its health name, so "up but serving nothing" is unhealthy
+        default_model = compose_defaults()["SEQSERVE_DEFAULT_MODEL"]
+        assert test[test.index("--service") + 1] == f"seqserve.v1.Inference/{default_model}"
         assert not any(tool in " ".join(test) for tool in ("nc ", "curl", "wget", "/dev/tcp"))
         # SIGTERM, then enough time for in-flight RPCs plus the snapshot before SIGKILL
         assert s.get("stop_signal", "SIGTERM") == "SIGTERM"

@@ -5,13 +5,15 @@ second time, the server passes the declared health check, and SIGTERM within
 stop_grace_period leaves a snapshot that the next start restores."""
 from __future__ import annotations
 
+import subprocess
+import time
 import urllib.request
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from deploy_helpers import HostService, duration_s, stop, tail
+from deploy_helpers import REPO_ROOT, HostService, duration_s, stop, tail
 from seqserve import artifact
 
 pytestmark = pytest.mark.slow
@@ -65,12 +67,15 @@ def test_server_is_healthy_and_keeps_sessions_across_sigterm(trained, volume_dir
     proc = server.start(log)
     try:
         print(f"server healthy after {server.wait_healthy(proc, log):.1f}s")
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            assert r.status == 200 and b"# TYPE" in r.read()
         position, _ = _step(grpc_port, name, 4242, inputs[0], start=True)
         assert position == 1
         position, _ = _step(grpc_port, name, 4242, inputs[1], start=False)
         assert position == 2
+        # what deploy/prometheus.yml scrapes: the container's metrics port, live data
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert r.status == 200
+            text = r.read().decode()
+        assert f'seqserve_live_sessions{{model="{name}"}} 1.0' in text, text[:2000]
         code = stop(proc, grace_s)  # what `docker compose stop` does
     finally:
         stop(proc, 5)
@@ -95,3 +100,29 @@ def test_server_is_healthy_and_keeps_sessions_across_sigterm(trained, volume_dir
         feeds[i.name] = np.zeros([1 if d == "batch" else d for d in i.shape], np.float32)
     want = sess.run(["y"], feeds)[0][0, -1]  # (outputs,)
     np.testing.assert_allclose(y.reshape(-1), want.reshape(-1), atol=1e-4)
+
+
+def test_gpu_server_without_a_gpu_is_not_healthy(trained, volume_dirs, tmp_path):
+    """server-gpu asks for --device cuda: on a host without a GPU the model is not
+    served, and the declared health check must say so (not "SERVING nothing")."""
+    from numba import cuda
+
+    if cuda.is_available():
+        pytest.skip("this host has a CUDA GPU: server-gpu would be healthy here")
+    server = HostService.create(trained["doc"], "server-gpu", volume_dirs)
+    log = tmp_path / "server-gpu.log"
+    overall = [server.healthcheck[0], server.healthcheck[1], "--port", str(server.ports[50051])]
+    proc = server.start(log)
+    try:
+        t0 = time.monotonic()
+        # wait until loading is over: the server as a whole says SERVING (or it exited)
+        while proc.poll() is None and time.monotonic() - t0 < 180:
+            if subprocess.run(overall, cwd=REPO_ROOT, env=server.env(), capture_output=True).returncode == 0:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None or proc.returncode != 0, tail(log)
+        probe = server.probe()
+        assert probe.returncode != 0, f"healthy without a GPU: {probe.stdout}\n{tail(log)}"
+        assert "cuda" in log.read_text().lower(), "no log line says why the model is not served"
+    finally:
+        stop(proc, 10)
