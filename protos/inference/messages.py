@@ -56,3 +56,40 @@ METHODS = {
     )
     for method in POOL.FindServiceByName(SERVICE).methods
 }
+
+
+class ReflectionPool:
+    """This file's private pool in front of protobuf's default pool.
+
+    gRPC server reflection looks every symbol up in ONE pool; pass this one
+    (`reflection.enable_server_reflection(names, server, pool=ReflectionPool())`)
+    and `grpcurl describe inference.GRPCInferenceService` works while every
+    other service still resolves from the default pool. It answers exactly
+    the lookups grpc_reflection makes.
+    """
+
+    def __init__(self, fallback=None):
+        self._pools = (POOL, fallback or descriptor_pool.Default())
+
+    def _first(self, method: str, *args):
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else method)
+
+    def FindFileByName(self, name):
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol):
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name):
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message_descriptor, number):
+        return message_descriptor.file.pool.FindExtensionByNumber(message_descriptor, number)
+
+    def FindAllExtensions(self, message_descriptor):
+        return message_descriptor.file.pool.FindAllExtensions(message_descriptor)

@@ -68,3 +68,34 @@ def test_service_methods_match_tritonclient():
             other.client_streaming, other.server_streaming)
     assert set(pb.METHODS) == {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
                                "ModelMetadata", "ModelInfer", "ModelStreamInfer"}
+
+
+def test_reflection_pool_describes_oip_and_everything_else():
+    """grpc reflection over messages.ReflectionPool: the OIP file from the private
+    pool, other services (health here) from the default pool."""
+    from concurrent import futures
+
+    import grpc
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health
+    from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    reflection.enable_server_reflection([pb.SERVICE, health.SERVICE_NAME], server,
+                                        pool=pb.ReflectionPool())
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            asks = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s)
+                    for s in (pb.SERVICE, health.SERVICE_NAME, "inference.NoSuchThing")]
+            replies = list(stub.ServerReflectionInfo(iter(asks)))
+    finally:
+        server.stop(0)
+    files = [descriptor_pb2.FileDescriptorProto.FromString(r.file_descriptor_response.file_descriptor_proto[0])
+             for r in replies[:2]]
+    assert files[0].name == "protos/inference/grpc_service.proto"
+    assert {m.name for m in files[0].service[0].method} == set(pb.METHODS)
+    assert files[1].service[0].name == "Health"
+    assert replies[2].error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
