@@ -244,3 +244,13 @@ def add_to_server(server, registry, sessions) -> list[str]:
     if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.62: faster dispatch
         server.add_registered_method_handlers(pb.SERVICE, handlers)
     return [pb.SERVICE]
+
+
+def reflection_pool():
+    """The descriptor pool for server reflection when this protocol is served.
+
+    The OIP messages live in a private pool (see protos.inference.messages), so
+    reflection over the default pool lists inference.GRPCInferenceService but
+    cannot describe it; this pool answers for both.
+    """
+    return pb.ReflectionPool()
