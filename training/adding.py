@@ -195,6 +195,7 @@ def train_adding(cell: str, lag: int, *, hidden: int = 64, layers: int = 1, lr: 
         "test_mse": test_mse, "trivial_mse": TRIVIAL_MSE,
         "solved": test_mse <= 0.01,
         "parameters": count_parameters(model),
+        "recurrent_parameters": count_parameters(model.rnn),
         "train_seconds": history["seconds"],
         "train_cpu_seconds": history["cpu_seconds"][-1] if history["cpu_seconds"] else 0.0,
         "budget": {"kind": budget_kind, "seconds": budget_s, "wall_cap_s": wall_cap_s},

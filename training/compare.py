@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--no-export", action="store_true",
                    help="skip the ONNX export and the served-cell latency column")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite report.md from OUT/compare.json without training")
     args = p.parse_args(argv)
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     bad = [c for c in cells if c not in CELLS]
@@ -254,19 +256,21 @@ def _gates_table(rows: dict[str, dict]) -> list[str]:
         "lstm": ("3: input, forget, output (+ candidate)", "h and c", "4 x (H(I+H) + 2H)", "4 blocks"),
         "gru": ("2: update, reset (+ candidate)", "h", "3 x (H(I+H) + 2H)", "3 blocks"),
     }
-    out = ["| cell | gates | states | parameters per layer (torch: 2 biases) | measured parameters "
+    out = ["| cell | gates | states | recurrent parameters per layer (torch: 2 biases) "
+           "| measured recurrent parameters | measured whole-model parameters "
            "| measured step latency (us) | measured training time (s) | measured test metric |",
-           "|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|"]
     for cell, r in rows.items():
         gates, states, formula, _ = theory[cell]
-        out.append(f"| {cell} | {gates} | {states} | {formula} | {r['parameters']:,} | {r['latency']} "
+        out.append(f"| {cell} | {gates} | {states} | {formula} | {r['recurrent']:,} | {r['parameters']:,} "
+                   f"| {r['latency']} "
                    f"| {r['seconds']:.0f} | {r['metric']} |")
     return out
 
 
 def write_report(args, results: dict, wall: float) -> None:
     lines = [f"# seqserve compare: {args.task}", ""]
-    cmd = "seqserve compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:])
+    cmd = "seqserve compare " + " ".join(args.argv)
     lines += [f"Command: `{cmd.strip()}`  ", f"Wall time: {wall:.0f} s on {_machine()}  ",
               f"Budget per run: {args.budget_s or 'none (epochs bound)'} s "
               f"({args.budget_kind if args.task == 'adding' else 'wall'} time); seed {args.seed}.", ""]
@@ -283,7 +287,8 @@ def write_report(args, results: dict, wall: float) -> None:
             lines.append(f"| {cell} | {m['parameters']:,} | {m['train_seconds']:.0f} | "
                          f"{m['history']['epochs']} ({m['history']['stopped']}) | {_fmt_us(m)} | "
                          f"{100 * m['test_accuracy']:.1f}% | {m['points_over_majority']:+.1f} |")
-            summary[cell] = dict(parameters=m["parameters"], latency=_fmt_us(m), seconds=m["train_seconds"],
+            summary[cell] = dict(parameters=m["parameters"], recurrent=_recurrent(m, args, cell),
+                                 latency=_fmt_us(m), seconds=m["train_seconds"],
                                  metric=f"accuracy {100 * m['test_accuracy']:.1f}%")
         lines += ["", "Accuracy per sentence length (tokens), test set:", ""]
         names = classify.bucket_names()
@@ -311,7 +316,8 @@ def write_report(args, results: dict, wall: float) -> None:
             served = r["per_lag"][r["grad_lag"]]
             lines.append(f"| {cell} | {r['parameters']:,} | {secs:.0f} | {_fmt_us(served)} | "
                          + " | ".join(f"{r['per_lag'][lag]['test_mse']:.4f}" for lag in lags) + " |")
-            summary[cell] = dict(parameters=r["parameters"], latency=_fmt_us(served), seconds=secs,
+            summary[cell] = dict(parameters=r["parameters"], recurrent=_recurrent(served, args, cell),
+                                 latency=_fmt_us(served), seconds=secs,
                                  metric=f"MSE {served['test_mse']:.4f} at lag {r['grad_lag']}")
         lines += ["", "Gradient flow on one batch at lag "
                   f"{next(iter(results.values()))['grad_lag']}: decades lost between the last step and the first "
@@ -330,6 +336,16 @@ def write_report(args, results: dict, wall: float) -> None:
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def _recurrent(m: dict, args, cell: str) -> int:
+    """Parameters of the recurrent core alone (older metrics lack the field)."""
+    if "recurrent_parameters" in m:
+        return m["recurrent_parameters"]
+    from training.model import load_checkpoint
+    name = f"{args.task}-{cell}" if args.task in TEXT_TASKS else f"adding-{m['lag']}-{cell}"
+    model, _ = load_checkpoint(args.out / "runs" / name / "checkpoint.pt")
+    return sum(p.numel() for p in model.rnn.parameters())
+
+
 def _served_runs(args, results):
     if args.task in TEXT_TASKS:
         return list(results.values())
@@ -346,15 +362,27 @@ def _jsonable(results):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    args.argv = argv
     args.out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    results = compare_adding(args) if args.task == "adding" else compare_text(args)
-    wall = time.perf_counter() - t0
+    if args.report_only:
+        saved = json.loads((args.out / "compare.json").read_text())
+        results = {cell: saved[cell] for cell in args.cells}
+        if args.task == "adding":  # JSON turned the lag keys into strings
+            for r in results.values():
+                r["per_lag"] = {int(k): v for k, v in r["per_lag"].items()}
+        wall = float(saved.get("_wall_seconds", 0.0))
+    else:
+        results = compare_adding(args) if args.task == "adding" else compare_text(args)
+        wall = time.perf_counter() - t0
     write_report(args, results, wall)
-    (args.out / "compare.json").write_text(json.dumps(_jsonable(results), indent=1))
+    if not args.report_only:
+        (args.out / "compare.json").write_text(json.dumps(_jsonable({**results, "_wall_seconds": wall}),
+                                                          indent=1))
     print(f"wrote {args.out / 'report.md'} ({wall:.0f} s)")
     return 0
 

@@ -22,7 +22,8 @@ def test_compare_text_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| rnn |" in report and "| gru |" in report and "GRU vs LSTM" in report
     results = json.loads((out / "compare.json").read_text())
-    assert set(results) == {"rnn", "gru"}
+    assert set(results) == {"rnn", "gru", "_wall_seconds"}
+    assert "recurrent parameters" in report
     assert results["gru"]["served"]["step_us"] > 0
     assert (out / "model_repository" / "sentiment2-gru" / "1" / "model.onnx").is_file()
 
@@ -39,6 +40,11 @@ def test_compare_adding_report(tmp_path):
     assert results["lstm"]["grad_lag"] == 8
     assert len(results["rnn"]["gradient_norms"]["trained"]) == 8
     assert set(results["rnn"]["per_lag"]) == {"5", "8"}
+    # the report can be rewritten from compare.json alone
+    (out / "report.md").unlink()
+    assert seqserve_main(["compare", "--task", "adding", "--cells", "rnn,lstm", "--lags", "5,8",
+                          "--out", str(out), "--report-only"]) == 0
+    assert "test MSE lag 8" in (out / "report.md").read_text()
 
 
 def test_compare_rejects_bad_cells(capsys):
