@@ -85,7 +85,7 @@ def test_health_and_server_metadata(client):
     assert "sequence" in meta["extensions"]
 
 
-def test_model_metadata(client):
+def test_model_metadata(client, oip_server):
     meta = client.get_model_metadata(LSTM, as_json=True)
     assert meta["name"] == LSTM and meta["versions"] == ["1"]
     assert meta["platform"] == "onnxruntime_onnx"
@@ -95,6 +95,15 @@ def test_model_metadata(client):
                       "h0": ("FP32", [LAYERS, -1, HIDDEN]), "c0": ("FP32", [LAYERS, -1, HIDDEN])}
     assert outputs == {"y": ("FP32", [-1, -1, FEATURES]),
                        "hn": ("FP32", [LAYERS, -1, HIDDEN]), "cn": ("FP32", [LAYERS, -1, HIDDEN])}
+    # and it is what the ONNX file itself declares (symbolic axes -> -1)
+    onnx_types = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
+    for name in (LSTM, TOKENS, BIDI):
+        meta = client.get_model_metadata(name, as_json=True)
+        sess = ort.InferenceSession(str(oip_server.paths[name]), providers=["CPUExecutionProvider"])
+        for ours, theirs in ((meta["inputs"], sess.get_inputs()), (meta["outputs"], sess.get_outputs())):
+            assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in ours] == [
+                (v.name, onnx_types[v.type], [d if isinstance(d, int) else -1 for d in v.shape])
+                for v in theirs]
     tokens = client.get_model_metadata(TOKENS, as_json=True)
     assert [(t["name"], t["datatype"]) for t in tokens["inputs"]] == [
         ("x", "INT64"), ("h0", "FP32"), ("c0", "FP32")]
