@@ -148,3 +148,19 @@ def test_prometheus_scrapes_the_servers_metrics_port():
     for name in ("server", "server-gpu"):
         cmd = doc["services"][name]["command"]
         assert (name, int(cmd[cmd.index("--metrics-port") + 1])) in targets
+
+
+def test_server_command_and_environment_are_valid_server_settings():
+    # the compose file speaks serving/settings.py's language: its flags and SEQSERVE_* names
+    import dataclasses
+
+    from serving import settings
+
+    known = {"SEQSERVE_" + f.name.upper() for f in dataclasses.fields(settings.Settings)}
+    for name in ("server", "server-gpu"):
+        spec = load_compose()["services"][name]
+        env = {k: str(v) for k, v in spec["environment"].items()}
+        assert set(env) <= known, f"{name}: unknown server settings {set(env) - known}"
+        got = settings.from_args(spec["command"][2:], env=env)  # raises on an unknown flag or bad value
+        assert (got.repo, got.state_dir, got.port, got.metrics_port) == ("/models", "/state", 50051, 8002)
+        assert got.grace_s == float(compose_defaults()["SEQSERVE_GRACE_S"])
