@@ -163,7 +163,58 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             latency.observe(time.perf_counter() - t0)
             yield reply
 
+    def _gather_rows(self, steps):
+        """A multiplexed message of one-step inputs for one model, as arrays.
+
+        -> (model, version, ids, x (B, F) | (B,), starts, ends), or None when
+        the message needs the general path (chunks, text, mixed models).
+        """
+        first = steps[0]
+        model, version = first.model, first.version
+        try:
+            m = self.registry.get(model, version or None)
+        except Exception:  # noqa: BLE001 - the general path reports it per step
+            return None
+        if m.cell is None:
+            return None
+        tokens = m.info.input_kind == "tokens"
+        F = 1 if tokens else m.info.input_features
+        vals, ids, starts, ends = [], [], [], []
+        for s in steps:
+            if s.model != model or s.version != version or s.text:
+                return None
+            t = s.x
+            data = t.int64_data if tokens else t.float_data
+            if len(data) != F or (t.int64_data if not tokens else t.float_data):
+                return None
+            if t.shape and list(t.shape) not in ([F], [1, F], [1]):
+                return None
+            vals.extend(data)
+            which = s.WhichOneof("sequence")
+            ids.append(getattr(s, which) if which else None)
+            starts.append(s.start)
+            ends.append(s.end)
+        if tokens:
+            x = np.array(vals, np.int64)  # (B,)
+        else:
+            x = np.array(vals, np.float32).reshape(len(steps), F)  # (B, F)
+        return m.name, version or None, ids, x, starts, ends
+
     async def _step_many(self, steps, tenant):
+        rows = self._gather_rows(steps)
+        if rows is not None:
+            model, version, ids, x, starts, ends = rows
+            try:
+                y, positions, errs = await self.sessions.step_batch(model, version, ids, x,
+                                                                    starts, ends, tenant)
+            except Exception as exc:  # noqa: BLE001 - e.g. shutting down: every row gets it
+                return pb.StreamStepsResponse(results=[_error_result(exc)] * len(steps))
+            shape = [1, y.shape[1]]
+            ys, ps = y.tolist(), positions.tolist()
+            return pb.StreamStepsResponse(results=[
+                _error_result(e) if e is not None else
+                pb.StepResponse(y=pb.Tensor(shape=shape, float_data=ys[i]), position=ps[i])
+                for i, e in enumerate(errs)])
         requests, results = [], [None] * len(steps)
         index = []
         for i, s in enumerate(steps):

@@ -103,3 +103,29 @@ def check_state(info: ModelInfo, s: np.ndarray | None, batch: int, name: str) ->
     if not np.isfinite(s).all():
         raise InvalidArgument(f"{name} holds NaN or Inf")
     return s
+
+
+def bad_rows(info: ModelInfo, x: np.ndarray, batch: int) -> list[int]:
+    """Rows of a (B, F) float / (B,) token batch that must be refused.
+
+    The dtype and shape are the caller's to guarantee (it built x); values
+    are checked here in one vectorised pass.
+    """
+    if x.shape[0] != batch:
+        raise InvalidArgument(f"{x.shape[0]} input rows for {batch} sessions")
+    if info.input_kind == "tokens":
+        ok = (x >= 0) & (x < info.input_features)
+    else:
+        if x.ndim != 2 or x.shape[1] != info.input_features:
+            raise InvalidArgument(
+                f"model {info.name!r} takes {info.input_features} features per step, got {x.shape[1:]}")
+        ok = np.isfinite(x).all(axis=1)
+    if ok.all():
+        return []
+    return np.flatnonzero(~ok).tolist()
+
+
+def bad_row_message(info: ModelInfo, row: np.ndarray) -> str:
+    if info.input_kind == "tokens":
+        return f"input holds token id {int(row)}, outside the vocabulary [0, {info.input_features})"
+    return "input holds NaN or Inf"

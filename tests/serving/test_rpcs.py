@@ -168,3 +168,27 @@ def test_stream_bad_step_amid_good_ones_keeps_the_stream(client, model_repo, kit
             ya.append(y[0])
     want = kit.ort_reference(model_repo / "lstm/1/model.onnx", x[None])["y"][0]
     assert np.abs(np.array(ya) - want).max() < 1e-4
+
+
+def test_multiplexed_message_with_bad_rows(client, model_repo, kit):
+    """The one-call path for a message of many sessions refuses rows one by one."""
+    from serving.client import step_request
+
+    x = np.random.default_rng(6).standard_normal((2, 3)).astype(np.float32)
+    with client.stream("gru") as s:
+        res = s.send([
+            step_request("gru", "mx-1", x[0], start=True),
+            step_request("gru", "mx-2", np.array([np.inf, 0, 0], np.float32), start=True),
+            step_request("gru", "mx-unknown", x[0]),
+            step_request("gru", "mx-1", x[1]),
+            step_request("gru", "mx-3", x[0], start=True, end=True),
+        ])
+        assert [r.code == 0 for r in res] == [True, False, False, False, True]
+        assert "NaN or Inf" in res[1].error and "start" in res[2].error
+        assert "twice" in res[3].error
+        y2, pos = s.step("mx-1", x[1])
+        assert pos == 2
+        with pytest.raises(Exception):
+            s.step("mx-3", x[0])  # ended by its own step
+    want = kit.ort_reference(model_repo / "gru/1/model.onnx", x[None])["y"][0]
+    assert np.abs(np.concatenate([kit.array(res[0].y), y2]) - want).max() < 1e-4
