@@ -1,0 +1,155 @@
+"""Slot arrays: isolation between sessions, reset/read/write/copy round trips,
+grow, and clear errors for bad calls (nothing changes when a call is refused)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from numba_cells import CellError, load_cell
+
+
+@pytest.fixture(params=["lstm", "gru", "rnn"])
+def cell(request, model_file):
+    path = model_file("torch", cell=request.param, layers=2, hidden=16, features=3)
+    return load_cell(path, device="cpu", capacity=8)
+
+
+def _all_states(cell):
+    return {k: v.copy() for k, v in cell.read_many(np.arange(cell.capacity)).items()}
+
+
+def _x(cell, B, seed=0):
+    return np.random.default_rng(seed).standard_normal((B, cell.spec.input_features)).astype(np.float32)
+
+
+def test_spec_and_device(cell):
+    s = cell.spec
+    assert (s.layers, s.hidden, s.input_kind, s.input_features, s.output_size) == (2, 16, "float", 3, 2)
+    assert s.has_cell_state == (s.cell == "lstm")
+    assert cell.device == "cpu" and cell.capacity == 8
+
+
+def test_slot_isolation(cell):
+    """Stepping slots 2 and 5 changes exactly those slots' state."""
+    before = _all_states(cell)
+    cell.step(_x(cell, 2), np.array([5, 2]))
+    after = _all_states(cell)
+    for name in before:
+        changed = np.abs(after[name] - before[name]).reshape(cell.capacity, -1).max(axis=1) > 0
+        assert changed.tolist() == [i in (2, 5) for i in range(cell.capacity)], name
+
+
+def test_same_input_same_state_different_slots(cell):
+    """Two slots fed the same inputs end in the same state whatever they share a batch with."""
+    rng = np.random.default_rng(1)
+    for t in range(10):
+        x = rng.standard_normal((3, 3)).astype(np.float32)
+        x[2] = x[0]
+        cell.step(x, np.array([1, 4, 6]))
+    np.testing.assert_array_equal(cell.read(1)["h"], cell.read(6)["h"])
+    assert not np.array_equal(cell.read(1)["h"], cell.read(4)["h"])
+
+
+def test_read_write_round_trip(cell):
+    rng = np.random.default_rng(2)
+    h = rng.standard_normal((2, 16)).astype(np.float32)
+    c = rng.standard_normal((2, 16)).astype(np.float32) if cell.spec.has_cell_state else None
+    cell.write(3, h, c)
+    got = cell.read(3)
+    np.testing.assert_array_equal(got["h"], h)
+    if c is not None:
+        np.testing.assert_array_equal(got["c"], c)
+    got["h"][:] = 99  # read returns a copy
+    np.testing.assert_array_equal(cell.read(3)["h"], h)
+
+
+def test_reset_zero_and_given(cell):
+    cell.step(_x(cell, 1), np.array([0]))
+    assert np.abs(cell.read(0)["h"]).max() > 0
+    cell.reset(0)
+    for v in cell.read(0).values():
+        assert not v.any()
+    h = np.full((2, 16), 0.25, np.float32)
+    cell.reset(0, h=h)
+    np.testing.assert_array_equal(cell.read(0)["h"], h)
+
+
+def test_copy_forks_a_session(cell):
+    """After copy(a, b), both give identical outputs for identical inputs; then diverge."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        cell.step(rng.standard_normal((1, 3)).astype(np.float32), np.array([1]))
+    cell.copy(1, 7)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    x[1] = x[0]
+    y = cell.step(x, np.array([1, 7]))
+    np.testing.assert_array_equal(y[0], y[1])
+    cell.step(x[:1] + 1, np.array([7]))
+    assert not np.array_equal(cell.read(1)["h"], cell.read(7)["h"])
+
+
+def test_grow_keeps_state(cell):
+    cell.step(_x(cell, 3), np.array([0, 4, 7]))
+    before = _all_states(cell)
+    cell.grow(20)
+    assert cell.capacity == 20
+    after = cell.read_many(np.arange(20))
+    for name in before:
+        np.testing.assert_array_equal(after[name][:8], before[name])
+        assert not after[name][8:].any()
+    cell.step(_x(cell, 1), np.array([19]))  # new slots work
+    with pytest.raises(CellError, match="shrink"):
+        cell.grow(4)
+
+
+@pytest.mark.parametrize("x_shape,slots,message", [
+    ((2, 3), [1, 1], "appears more than once"),
+    ((2, 3), [1, 8], r"slot 8 \(row 1\) is out of range"),
+    ((2, 3), [-1, 0], "out of range"),
+    ((2, 4), [0, 1], r"x must have shape \(B, 3\)"),
+    ((3, 3), [0, 1], "B=2"),
+    ((2, 3), [[0, 1]], "slots must be 1-D"),
+])
+def test_bad_step_is_refused_and_changes_nothing(cell, x_shape, slots, message):
+    before = _all_states(cell)
+    with pytest.raises(CellError, match=message):
+        cell.step(np.ones(x_shape, np.float32), np.array(slots))
+    after = _all_states(cell)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_bad_dtypes_and_state_shapes(cell):
+    with pytest.raises(CellError, match="float32 features"):
+        cell.step(np.ones((1, 3), np.int64), np.array([0]))
+    with pytest.raises(CellError, match="integers"):
+        cell.step(np.ones((1, 3), np.float32), np.array([0.5]))
+    with pytest.raises(CellError, match=r"shape \(layers, hidden\)"):
+        cell.write(0, np.zeros((3, 16)), np.zeros((3, 16)))
+    with pytest.raises(CellError, match="out of range"):
+        cell.read(8)
+    with pytest.raises(CellError, match="NaN"):
+        cell.reset(0, h=np.full((2, 16), np.nan))
+    if not cell.spec.has_cell_state:
+        with pytest.raises(CellError, match="no cell state"):
+            cell.write(0, np.zeros((2, 16)), np.zeros((2, 16)))
+    with pytest.raises(ValueError):  # CellError is a ValueError: one-line CLI messages
+        cell.step_chunk(np.ones((1, 3), np.float32), np.array([0]))
+
+
+def test_token_errors(model_file):
+    cell = load_cell(model_file("torch", cell="gru", layers=1, hidden=8, vocab=20, embed=4),
+                     device="cpu", capacity=4)
+    assert cell.spec.input_kind == "tokens" and cell.spec.input_features == 20
+    with pytest.raises(CellError, match="token id 20 .*vocabulary of 20"):
+        cell.step(np.array([3, 20]), np.array([0, 1]))
+    with pytest.raises(CellError, match="int64 token ids"):
+        cell.step(np.ones(2, np.float32), np.array([0, 1]))
+    assert not cell.read(0)["h"].any()  # the refused call changed nothing
+    y = cell.step_chunk(np.array([[1, 2, 3]]), np.array([2]))
+    assert y.shape == (1, 3, 2)
+
+
+def test_empty_batch(cell):
+    assert cell.step(np.zeros((0, 3), np.float32), np.zeros(0, np.int64)).shape == (0, 2)
+    assert cell.step_chunk(np.zeros((2, 0, 3), np.float32), np.array([0, 1])).shape == (2, 0, 2)
