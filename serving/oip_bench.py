@@ -11,11 +11,17 @@ step (each step waits for its answer) along these paths, in the same run:
   oip-stream-raw     ModelStreamInfer through a bare grpc stub, one in flight
   native-step        seqserve.v1 Step (unary) through serving.client.Client
   native-stream      seqserve.v1 StreamSteps through Client.stream(), one message per step
+  oip-stream-fanout-64   64 sequences on one tritonclient stream: each tick sends
+                     one request per sequence, then waits for all 64 answers
+  native-stream-fanout-64  the same on StreamSteps: one message per step
+  native-multiplex-64    the native way to do that: one StreamSteps message
+                     carrying the 64 sessions' steps per tick
+For the fan-out rows p50/p99 are per TICK (64 steps), steps/s counts steps.
 The *-raw rows separate what tritonclient costs on the client from what the
 OIP path costs on the server. Paths take turns in `rounds` blocks so the
 drift of a shared, noisy machine hits them alike. Prints a table, then JSON
-rows {"path", "p50_us", "p99_us", "steps_per_s", "ratio_p50"} (ratio against
-the native path of the same kind: unary or stream).
+rows {"path", "p50_us", "p99_us", "steps_per_s", "steps", "ratio_p50"} (ratio
+against the native path of the same shape: unary, stream, or stream fan-out).
 """
 from __future__ import annotations
 
@@ -36,10 +42,16 @@ import numpy as np
 
 from seqserve import artifact
 
+FANOUT = 64
 PATHS = ("oip-infer", "oip-stream", "oip-infer-raw", "oip-stream-raw",
-         "native-step", "native-stream")
+         "native-step", "native-stream", f"oip-stream-fanout-{FANOUT}",
+         f"native-stream-fanout-{FANOUT}", f"native-multiplex-{FANOUT}")
 BASELINE = {"oip-infer": "native-step", "oip-infer-raw": "native-step",
-            "oip-stream": "native-stream", "oip-stream-raw": "native-stream"}
+            "oip-stream": "native-stream", "oip-stream-raw": "native-stream",
+            f"oip-stream-fanout-{FANOUT}": f"native-stream-fanout-{FANOUT}",
+            f"native-multiplex-{FANOUT}": f"native-stream-fanout-{FANOUT}"}
+STEPS_PER_SAMPLE = {f"oip-stream-fanout-{FANOUT}": FANOUT,
+                    f"native-stream-fanout-{FANOUT}": FANOUT, f"native-multiplex-{FANOUT}": FANOUT}
 
 
 def _free_port() -> int:
@@ -157,8 +169,29 @@ def oip_drivers(address: str, model: str):
         return _lockstep(bidi, xs, lambda sid, t, x: raw_request(sid, t, n, x), next(counter),
                          check_stream)
 
+    def oip_fanout(xs):
+        sids = [next(counter) for _ in range(FANOUT)]
+        times, answers = [], queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        try:
+            for t, x in enumerate(xs):
+                t0 = time.perf_counter()
+                for sid in sids:
+                    client.async_stream_infer(model, [infer_input(x)], sequence_id=sid,
+                                              sequence_start=t == 0, sequence_end=t == len(xs) - 1)
+                for _ in sids:
+                    result, error = answers.get()
+                    if error is not None:
+                        raise RuntimeError(error.message())
+                    result.as_numpy("y")
+                times.append(time.perf_counter() - t0)
+        finally:
+            client.stop_stream()
+        return times
+
     return {"oip-infer": oip_infer, "oip-stream": oip_stream, "oip-infer-raw": oip_infer_raw,
-            "oip-stream-raw": oip_stream_raw}, (client, channel)
+            "oip-stream-raw": oip_stream_raw, f"oip-stream-fanout-{FANOUT}": oip_fanout}, \
+        (client, channel)
 
 
 def _lockstep(bidi, xs, make, sid, check):
@@ -189,7 +222,8 @@ def _lockstep(bidi, xs, make, sid, check):
 
 def native_drivers(address: str, model: str):
     """The native API through its own client, serving.client, as a user would call it."""
-    from serving.client import Client
+    from protos.seqserve.v1 import inference_pb2 as npb
+    from serving.client import Client, array, step_request
 
     client = Client(address)
     counter = iter(range(1 << 40, 1 << 62))
@@ -211,16 +245,57 @@ def native_drivers(address: str, model: str):
                 times.append(time.perf_counter() - t0)
         return times
 
-    return {"native-step": native_step, "native-stream": native_stream}, (client,)
+    def native_fanout(xs):
+        sids = [next(counter) for _ in range(FANOUT)]
+        times, outbox = [], queue.Queue()
+        replies = client.stub.StreamSteps(iter(outbox.get, None))
+        try:
+            for t, x in enumerate(xs):
+                t0 = time.perf_counter()
+                for sid in sids:
+                    outbox.put(npb.StreamStepsRequest(steps=[step_request(
+                        model, sid, x[0], start=t == 0, end=t == len(xs) - 1)]))
+                for _ in sids:
+                    (r,) = next(replies).results
+                    if r.code:
+                        raise RuntimeError(r.error)
+                    array(r.y)
+                times.append(time.perf_counter() - t0)
+        finally:
+            outbox.put(None)
+            for _ in replies:
+                pass
+        return times
+
+    def native_multiplex(xs):
+        sids = [next(counter) for _ in range(FANOUT)]
+        times = []
+        with client.stream(model) as stream:
+            for t, x in enumerate(xs):
+                t0 = time.perf_counter()
+                steps = [step_request(model, sid, x[0], start=t == 0, end=t == len(xs) - 1)
+                         for sid in sids]
+                for r in stream.send(steps):
+                    if r.code:
+                        raise RuntimeError(r.error)
+                    array(r.y)
+                times.append(time.perf_counter() - t0)
+        return times
+
+    return {"native-step": native_step, "native-stream": native_stream,
+            f"native-stream-fanout-{FANOUT}": native_fanout,
+            f"native-multiplex-{FANOUT}": native_multiplex}, (client,)
 
 
 def summarize(times: dict[str, list[float]]) -> list[dict]:
     rows = {}
     for path, ts in times.items():
         a = np.asarray(ts) * 1e6
+        per = STEPS_PER_SAMPLE.get(path, 1)
         rows[path] = {"path": path, "p50_us": round(float(np.percentile(a, 50)), 1),
                       "p99_us": round(float(np.percentile(a, 99)), 1),
-                      "steps_per_s": round(float(len(a) / a.sum() * 1e6), 1), "steps": len(a)}
+                      "steps_per_s": round(float(len(a) * per / a.sum() * 1e6), 1),
+                      "steps": len(a) * per}
     for path, row in rows.items():
         base = rows.get(BASELINE.get(path, path))
         row["ratio_p50"] = round(row["p50_us"] / base["p50_us"], 3) if base else None
@@ -228,11 +303,11 @@ def summarize(times: dict[str, list[float]]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'path':<16}{'p50 us':>10}{'p99 us':>10}{'steps/s':>10}{'vs native p50':>15}"]
+    lines = [f"{'path':<24}{'p50 us':>10}{'p99 us':>10}{'steps/s':>10}   vs native p50"]
     for r in rows:
         base = BASELINE.get(r["path"])
         ratio = f"{r['ratio_p50']:.2f}x {base}" if base else "baseline"
-        lines.append(f"{r['path']:<16}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}"
+        lines.append(f"{r['path']:<24}{r['p50_us']:>10.1f}{r['p99_us']:>10.1f}"
                      f"{r['steps_per_s']:>10.1f}   {ratio}")
     return "\n".join(lines)
 
