@@ -22,8 +22,9 @@ QUICK_TRAIN_ARGS = "--epochs 1 --layers 1 --hidden 8 --window 16 --batch-size 64
 
 @pytest.fixture(scope="session")
 def compose_env() -> dict[str, str]:
-    """What an operator's .env would hold for this test: defaults except a quick training."""
-    return {"SEQSERVE_TRAIN_ARGS": QUICK_TRAIN_ARGS}
+    """What an operator's .env would hold for this test: defaults except a quick
+    training and a 1 s snapshot interval (so the kill -9 case is quick to show)."""
+    return {"SEQSERVE_TRAIN_ARGS": QUICK_TRAIN_ARGS, "SEQSERVE_SNAPSHOT_S": "1"}
 
 
 @pytest.fixture(scope="session")
