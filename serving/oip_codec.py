@@ -210,6 +210,13 @@ def requested_outputs(model: str, request, available: list[str]) -> list[str]:
                 f"model '{model}' cannot return output '{out.name}' here; "
                 f"available outputs: {', '.join(available)}"
             )
+        if "classification" in out.parameters:
+            # Triton would answer top-k labels as BYTES; raw logits under the
+            # same name would be misread, so refuse instead of ignoring it
+            raise InvalidArgument(
+                f"output '{out.name}': the classification extension is not supported; "
+                f"request the raw output and take the top classes on the client"
+            )
         if out.name not in names:
             names.append(out.name)
     return names

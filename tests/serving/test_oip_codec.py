@@ -172,6 +172,10 @@ def test_requested_outputs():
     request.outputs.add(name="cn")
     with pytest.raises(InvalidArgument, match="cannot return output 'cn' here; available outputs: y, hn"):
         codec.requested_outputs("m", request, ["y", "hn"])
+    request = pb.ModelInferRequest()
+    request.outputs.add(name="y").parameters["classification"].int64_param = 3
+    with pytest.raises(InvalidArgument, match="classification extension is not supported"):
+        codec.requested_outputs("m", request, ["y", "hn"])
 
 
 def test_sequence_parameters_as_tritonclient_sends_them():
