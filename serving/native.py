@@ -154,10 +154,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     model, version, seq, x, start, end = self._step_x(steps[0])
                     y, pos = await sessions.step_with_position(
                         model, version, seq, x, start=start, end=end, tenant=tenant)
-                    result = pb.StepResponse(y=from_array(y), position=pos)
+                    reply = pb.StreamStepsResponse()
+                    r = reply.results.add(position=pos)
+                    r.y.shape[:] = y.shape
+                    r.y.float_data[:] = y.ravel().tolist()
                 except Exception as exc:  # noqa: BLE001 - reported on this step only
-                    result = _error_result(exc)
-                reply = pb.StreamStepsResponse(results=[result])
+                    reply = pb.StreamStepsResponse(results=[_error_result(exc)])
             else:
                 reply = await self._step_many(steps, tenant)
             latency.observe(time.perf_counter() - t0)
@@ -211,10 +213,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return pb.StreamStepsResponse(results=[_error_result(exc)] * len(steps))
             shape = [1, y.shape[1]]
             ys, ps = y.tolist(), positions.tolist()
-            return pb.StreamStepsResponse(results=[
-                _error_result(e) if e is not None else
-                pb.StepResponse(y=pb.Tensor(shape=shape, float_data=ys[i]), position=ps[i])
-                for i, e in enumerate(errs)])
+            reply = pb.StreamStepsResponse()
+            add = reply.results.add
+            for i, e in enumerate(errs):  # filling in place: ~2x faster than nested constructors
+                if e is not None:
+                    add().CopyFrom(_error_result(e))
+                    continue
+                r = add(position=ps[i])
+                r.y.shape[:] = shape
+                r.y.float_data[:] = ys[i]
+            return reply
         requests, results = [], [None] * len(steps)
         index = []
         for i, s in enumerate(steps):

@@ -480,10 +480,22 @@ class SessionManager:
 
     def _run_singles(self, ms: ModelSessions, items: list[_Item]) -> None:
         n = len(items)
-        if n == 1:
+        if n == 1:  # the quiet path: scalar bookkeeping, no fancy indexing
             it = items[0]
-            slots = np.array([it.slot], np.int64)
-            x = it.x  # (1, F) | (1,)
+            slot = it.slot
+            try:
+                y = ms.cell.step(it.x, np.array((slot,), np.int64))  # (1, out)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("cell step failed for model %s", ms.info.name)
+                self._done(ms, it, exc)
+                return
+            pos = int(ms.position[slot]) + 1
+            ms.position[slot] = pos
+            ms.last_y[slot] = y[0]
+            if self.observer is not None:
+                self.observer.batch(ms.info.name, 1)
+            self._done(ms, it, (y, pos))
+            return
         else:
             slots = np.fromiter((it.slot for it in items), np.int64, n)
             x = np.concatenate([it.x for it in items])  # (B, F) | (B,)
