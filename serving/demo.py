@@ -54,7 +54,9 @@ def plot(path: Path, truth, streamed, rollout, n_stream: int, model: str) -> Non
     # y_t is the forecast of x_{t+1}: plot it one step later
     ax.plot(t[1:n_stream + 1], streamed, color="tab:blue", lw=1.0, ls="--",
             label="streamed one-step-ahead predictions (StreamSteps)")
-    ax.plot(t[n_stream:n_stream + len(rollout)], rollout, color="tab:red", lw=1.6,
+    # the rollout feeds back the last streamed forecast (of step n_stream),
+    # so its first output forecasts step n_stream + 1
+    ax.plot(t[n_stream + 1:n_stream + 1 + len(rollout)], rollout, color="tab:red", lw=1.6,
             label=f"{len(rollout)}-step closed-loop rollout (Rollout)")
     ax.axvline(n_stream - 0.5, color="gray", lw=0.8, ls=":")
     ax.set_xlabel("time step")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             if meta.input_features != 1 or meta.output_size != 1:
                 raise ValueError(f"the demo needs a univariate forecaster; {a.model} has "
                                  f"{meta.input_features} inputs and {meta.output_size} outputs")
-            truth = held_out_sine(a.steps + a.rollout)
+            truth = held_out_sine(a.steps + a.rollout + 1)
             streamed, lat = [], []
             with client.stream(a.model) as stream:
                 for t in range(a.steps):
@@ -109,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    streamed = np.array(streamed[:-1])  # the last one forecasts truth[steps], the rollout's first
-    rollout = rollout[:, 0]
-    one_step_mae = float(np.abs(streamed[50:] - truth[51:a.steps]).mean())
-    rollout_mae = float(np.abs(rollout - truth[a.steps:a.steps + a.rollout]).mean())
+    streamed = np.array(streamed)  # streamed[t] forecasts truth[t + 1]
+    rollout = rollout[:, 0]  # rollout[k] forecasts truth[steps + 1 + k]
+    one_step_mae = float(np.abs(streamed[50:] - truth[51:a.steps + 1]).mean())
+    rollout_mae = float(np.abs(rollout - truth[a.steps + 1:a.steps + 1 + a.rollout]).mean())
     png = out / "demo.png"
     plot(png, truth, streamed, rollout, a.steps, a.model)
     print(f"streamed {a.steps} steps: median round trip {np.median(lat) * 1e6:.0f} us "
