@@ -78,12 +78,17 @@ class Server:
         self.grpc = grpc.aio.server(options=opts)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.sessions),
                                                 self.grpc)
+        pool = None
         for plugin in _plugins():
             added = plugin.add_to_server(self.grpc, self.registry, self.sessions)
             self.services.extend(added or [])
+            # a plugin whose messages live in a private descriptor pool hands
+            # reflection a pool that can describe every service
+            if hasattr(plugin, "reflection_pool"):
+                pool = plugin.reflection_pool()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
-            self.services + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc)
+            self.services + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc, pool=pool)
         self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
         if not self.port:
             raise OSError(f"cannot bind {s.host}:{s.port}")
