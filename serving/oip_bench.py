@@ -33,7 +33,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -337,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=100, help="untimed steps per path first")
     p.add_argument("--json", default="", help="also write the JSON rows to this file")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        print("oip_bench: --steps and --rounds must be positive, --warmup not negative",
+              file=sys.stderr)
+        return 2
     try:
         model, features = pick_model(args.repo, args.model)
     except ValueError as exc:
@@ -346,14 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     address = f"127.0.0.1:{port}"
     log_path = Path(tempfile.gettempdir()) / f"oip_bench_server_{os.getpid()}.log"
     proc = start_server(args.repo, port, log_path)
+    clients = ()
     try:
-        drivers, keep_oip = oip_drivers(address, model)
-        native, keep_native = native_drivers(address, model)
+        drivers, oip_clients = oip_drivers(address, model)
+        native, native_clients = native_drivers(address, model)
         drivers.update(native)
+        clients = oip_clients + native_clients
         rng = np.random.default_rng(0)
         steps = rng.normal(size=(args.steps, 1, 1, features)).astype(np.float32)  # (T, 1, 1, F)
+        warm = rng.normal(size=(max(args.warmup, 1), 1, 1, features)).astype(np.float32)
         for path in PATHS:
-            drivers[path](steps[: args.warmup])
+            drivers[path](warm)
         times = {path: [] for path in PATHS}
         for r in range(args.rounds):
             order = PATHS if r % 2 == 0 else PATHS[::-1]  # alternate who goes first
@@ -361,10 +367,12 @@ def main(argv: list[str] | None = None) -> int:
                 times[path] += drivers[path](steps)
         rows = summarize(times)
     finally:
+        for c in clients:
+            c.close()
         proc.terminate()
         proc.wait(30)
-    print(f"model {model!r}, {args.rounds} rounds x {args.steps} steps per path, one session "
-          f"at a time, server in its own process")
+    print(f"model {model!r}, {args.rounds} rounds x {args.steps} steps (fan-out: ticks) per path, "
+          f"server in its own process")
     print(table(rows))
     text = json.dumps(rows)
     print(text)
