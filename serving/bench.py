@@ -1,7 +1,9 @@
 """`seqserve bench serve`: the server's step path against a do-nothing echo.
 
 Both servers run in their own process; the same grpc.aio client, sending the
-same seqserve.v1 messages, measures both in one run:
+same seqserve.v1 messages, measures both in one run, taking turns (rounds
+of echo, then step, then step, then echo...) so that load from elsewhere on
+a shared machine falls on both alike:
 
   echo-unary / step-unary         sequential Step RPCs: p50 / p99 latency
   echo-stream / step-stream       one StreamSteps call, one message each way
@@ -92,92 +94,130 @@ def _step(model, sid, x, start=False) -> pb.StepRequest:
                           x=pb.Tensor(shape=[len(x)], float_data=x))
 
 
-async def _unary(ch, model, x, steps, warm=200):
-    stub = pb_grpc.InferenceStub(ch)
-    await stub.Step(_step(model, "bench-unary", x, start=True))
-    req = _step(model, "bench-unary", x)
-    for _ in range(warm):
-        await stub.Step(req)
-    lat = []
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter_ns()
-        await stub.Step(req)
-        lat.append(time.perf_counter_ns() - t)
-    return lat, steps / (time.perf_counter() - t0)
+class _Unary:
+    """Sequential Step RPCs on one session."""
+
+    def __init__(self, ch, model, x):
+        self.stub = pb_grpc.InferenceStub(ch)
+        self.model, self.x = model, x
+        self.req = _step(model, "bench-unary", x)
+
+    async def open(self, warm=200):
+        await self.stub.Step(_step(self.model, "bench-unary", self.x, start=True))
+        for _ in range(warm):
+            await self.stub.Step(self.req)
+
+    async def run(self, n, lat):
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            await self.stub.Step(self.req)
+            lat.append(time.perf_counter_ns() - t)
 
 
-async def _stream(ch, model, x, steps, sessions=1, warm=200, sid="bench-stream"):
-    """One stream; each message carries `sessions` sessions' steps."""
-    stub = pb_grpc.InferenceStub(ch)
-    call = stub.StreamSteps()
-    ids = [f"{sid}-{i}" for i in range(sessions)]
-    await call.write(pb.StreamStepsRequest(steps=[_step(model, s, x, start=True) for s in ids]))
-    await call.read()
-    msg = pb.StreamStepsRequest(steps=[_step(model, s, x) for s in ids])
-    for _ in range(warm):
-        await call.write(msg)
-        await call.read()
-    lat = []
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter_ns()
-        await call.write(msg)
-        reply = await call.read()
-        lat.append(time.perf_counter_ns() - t)
-    dt = time.perf_counter() - t0
-    await call.done_writing()
-    if reply.results[0].code:
-        raise RuntimeError(f"step failed: {reply.results[0].error}")
-    return lat, steps * sessions / dt
+class _Stream:
+    """One StreamSteps call; each message carries `sessions` sessions' steps."""
+
+    def __init__(self, ch, model, x, sessions=1, sid="bench-stream"):
+        self.call = pb_grpc.InferenceStub(ch).StreamSteps()
+        self.ids = [f"{sid}-{i}" for i in range(sessions)]
+        self.model, self.x = model, x
+        self.msg = pb.StreamStepsRequest(steps=[_step(model, s, x) for s in self.ids])
+
+    async def open(self, warm=200):
+        await self.call.write(pb.StreamStepsRequest(
+            steps=[_step(self.model, s, self.x, start=True) for s in self.ids]))
+        await self.call.read()
+        for _ in range(warm):
+            await self.call.write(self.msg)
+            await self.call.read()
+
+    async def run(self, n, lat):
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            await self.call.write(self.msg)
+            reply = await self.call.read()
+            lat.append(time.perf_counter_ns() - t)
+        if reply.results[0].code:
+            raise RuntimeError(f"step failed: {reply.results[0].error}")
+
+    async def close(self):
+        await self.call.done_writing()
 
 
-async def _fanout(target, model, x, streams, per_stream):
+async def _fanout(target, model, x, streams, per_stream, lat):
+    """`streams` concurrent streams, one session each; returns (steps, seconds)."""
     chans = [grpc.aio.insecure_channel(target) for _ in range(max(1, streams // 16))]
-    lats: list[int] = []
 
-    async def one(i, n, record):
-        stub = pb_grpc.InferenceStub(chans[i % len(chans)])
-        call = stub.StreamSteps()
+    async def one(i):
+        call = pb_grpc.InferenceStub(chans[i % len(chans)]).StreamSteps()
         sid = f"fan-{streams}-{i}"
         await call.write(pb.StreamStepsRequest(steps=[_step(model, sid, x, start=True)]))
         await call.read()
         msg = pb.StreamStepsRequest(steps=[_step(model, sid, x)])
-        for _ in range(n):
+        await ready.wait()  # every stream open before the clock starts
+        for _ in range(per_stream):
             t = time.perf_counter_ns()
             await call.write(msg)
             await call.read()
-            if record:
-                lats.append(time.perf_counter_ns() - t)
+            lat.append(time.perf_counter_ns() - t)
         await call.done_writing()
 
-    await asyncio.gather(*(one(i, 5, False) for i in range(streams)))  # warm
+    ready = asyncio.Event()
+    tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+    await asyncio.sleep(0.2)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i, per_stream, True) for i in range(streams)))
+    ready.set()
+    await asyncio.gather(*tasks)
     dt = time.perf_counter() - t0
     for c in chans:
         await c.close()
-    return lats, streams * per_stream / dt
+    return streams * per_stream, dt
 
 
-async def measure(target: str, model: str, features: int, steps: int, prefix: str,
-                  multiplex: bool) -> list[dict]:
+async def measure(echo: str, server: str, model: str, features: int, steps: int,
+                  rounds: int = 10) -> list[dict]:
+    """Echo and step paths measured in alternating rounds, so that load from
+    elsewhere on a shared machine falls on both alike."""
     x = [0.1] * features
-    rows = []
-    async with grpc.aio.insecure_channel(target) as ch:
-        lat, rate = await _unary(ch, model, x, steps)
-        rows.append(_row(f"{prefix}-unary", lat, rate))
-        lat, rate = await _stream(ch, model, x, steps)
-        rows.append(_row(f"{prefix}-stream", lat, rate))
+    per = max(1, steps // rounds)
+    lat = {k: [] for k in ("echo-unary", "step-unary", "echo-stream", "step-stream")}
+    rate: dict[str, list] = {}
+    async with grpc.aio.insecure_channel(echo) as ech, grpc.aio.insecure_channel(server) as sch:
+        for kind, cls in (("unary", _Unary), ("stream", _Stream)):
+            pair = {"echo": cls(ech, model, x), "step": cls(sch, model, x)}
+            for obj in pair.values():
+                await obj.open()
+            spent = {"echo": 0.0, "step": 0.0}
+            for r in range(rounds):
+                for who in (("echo", "step") if r % 2 == 0 else ("step", "echo")):
+                    t0 = time.perf_counter()
+                    await pair[who].run(per, lat[f"{who}-{kind}"])
+                    spent[who] += time.perf_counter() - t0
+            for who in pair:
+                rate[f"{who}-{kind}"] = [per * rounds, spent[who]]
+                if kind == "stream":
+                    await pair[who].close()
     for n in (64, 256):
-        lat, rate = await _fanout(target, model, x, n, max(20, steps // n))
-        rows.append(_row(f"{prefix}-fanout-{n}", lat, rate))
-    if multiplex:
-        async with grpc.aio.insecure_channel(target) as ch:
-            lat, rate = await _stream(ch, model, x, max(100, steps // 10), sessions=100,
-                                      warm=20, sid="mux")
-            rows.append(_row(f"{prefix}-multiplex-100", lat, rate))
-    return rows
+        for who, target in (("echo", echo), ("step", server)):
+            lat[f"{who}-fanout-{n}"] = []
+            rate[f"{who}-fanout-{n}"] = [0, 0.0]
+        per_stream = max(10, steps // n // 2)
+        for r in range(2):
+            for who, target in ((("echo", echo), ("step", server)) if r == 0 else
+                                (("step", server), ("echo", echo))):
+                k = f"{who}-fanout-{n}"
+                done, dt = await _fanout(target, model, x, n, per_stream, lat[k])
+                rate[k][0] += done
+                rate[k][1] += dt
+    async with grpc.aio.insecure_channel(server) as sch:
+        mux = _Stream(sch, model, x, sessions=100, sid="mux")
+        await mux.open(warm=20)
+        lat["step-multiplex-100"] = []
+        t0 = time.perf_counter()
+        await mux.run(max(100, steps // 10), lat["step-multiplex-100"])
+        rate["step-multiplex-100"] = [100 * max(100, steps // 10), time.perf_counter() - t0]
+        await mux.close()
+    return [_row(k, lat[k], rate[k][0] / rate[k][1]) for k in lat]
 
 
 # ---- memory of 100,000 live sessions -----------------------------------------------------------
@@ -268,10 +308,8 @@ def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print) -> 
             _ready_echo(f"127.0.0.1:{eport}")
             log(f"model {model}: {meta.cell} {meta.layers}x{meta.hidden}, ONNX Runtime "
                 f"{meta.ort_provider}, cell {meta.cell_device}; {steps} steps per path")
-            echo_rows = asyncio.run(measure(f"127.0.0.1:{eport}", model, meta.input_features,
-                                            steps, "echo", multiplex=False))
-            step_rows = asyncio.run(measure(target, model, meta.input_features, steps, "step",
-                                            multiplex=True))
+            measured = asyncio.run(measure(f"127.0.0.1:{eport}", target, model,
+                                           meta.input_features, steps))
         finally:
             echo.terminate()
             echo.wait(10)
@@ -281,7 +319,7 @@ def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print) -> 
         server.wait(60)
     order = ["echo-unary", "echo-stream", "step-unary", "step-stream", "echo-fanout-64",
              "step-fanout-64", "echo-fanout-256", "step-fanout-256", "step-multiplex-100"]
-    by_path = {r["path"]: r for r in echo_rows + step_rows}
+    by_path = {r["path"]: r for r in measured}
     rows = [by_path[p] for p in order]
     ratios = {}
     for path, (base, bound, kind) in TARGETS.items():

@@ -80,11 +80,17 @@ def classify(exc: BaseException, where: str) -> tuple[str, str]:
     return "INTERNAL", f"internal error in {where}: {type(exc).__name__}: {exc}"
 
 
-def _observe(method: str, code: str) -> None:
-    # metrics is optional for callers that only want the error mapping
-    from serving import metrics
+_metrics = None
 
-    metrics.observe_request(method, code)
+
+def _observe(method: str, code: str) -> None:
+    # imported on first use: runtime code imports this module without metrics
+    global _metrics
+    if _metrics is None:
+        from serving import metrics as _m
+
+        _metrics = _m
+    _metrics.observe_request(method, code)
 
 
 def unary(method: str):

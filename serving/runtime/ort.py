@@ -30,6 +30,9 @@ class OrtModel:
         opts.log_severity_level = 3  # the CUDA fallback warning is reported below, once
         if threads:
             opts.intra_op_num_threads = threads
+        # Idle ORT workers must not spin: they would steal the CPU the event
+        # loop needs for every other request.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         wanted = ["CPUExecutionProvider"] if device == "cpu" else WANTED_PROVIDERS
         available = ort.get_available_providers()
         providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]

@@ -18,6 +18,11 @@ themselves run in one of two ways:
   busy   otherwise it queues; the first queued step schedules a flush with
          `loop.call_soon`, so every step that arrives in the same loop
          iteration (other streams) runs in ONE `cell.step` call. No timer.
+         Queueing costs a future and a loop hop per step, so it is only kept
+         while it pays: if flushes keep running one step each (grpc.aio
+         often delivers each stream's message in its own loop iteration),
+         arrivals run inline again, and queueing is re-tried every
+         PROBE_EVERY_S.
 A multiplexed message (`step_batch`) is one `cell.step` call by itself.
 A flush runs rounds: each round takes at most one item per session, so a
 session's steps run in the order they arrived. The cell runs on the event
@@ -42,6 +47,9 @@ log = logging.getLogger("seqserve.sessions")
 # queued for batching; a client stepping alone (one round trip, >= ~200 us,
 # apart) always runs inline.
 BATCH_WINDOW_S = 100e-6
+PROBE_FLUSHES = 64  # flushes judged per probe
+PROBE_EVERY_S = 1.0  # how often queueing is re-tried once it did not pay
+PAYS_MEAN_BATCH = 1.5  # mean steps per flush that make queueing worth it
 
 
 def session_key(sequence_id, tenant: str = ""):
@@ -107,6 +115,11 @@ class ModelSessions:
         self.pending: list[_Item] = []
         self.scheduled = False
         self.last_arrival = 0.0
+        # adaptive batching (see module doc)
+        self.batching = True
+        self.probe_flushes = 0
+        self.probe_steps = 0
+        self.next_probe = 0.0
         self.tokens = self.info.input_kind == "tokens"
 
     @property
@@ -202,10 +215,12 @@ class SessionManager:
 
     # ---- admission (runs at arrival, in arrival order) ------------------------
 
-    def _admit(self, ms: ModelSessions, sequence_id, x, start, end, tenant, call, index):
+    def _admit(self, ms: ModelSessions, sequence_id, x, start, end, tenant, call, index,
+               checked=False):
         if self.closing:
             raise Unavailable("server is shutting down; retry on another replica or after restart")
-        x = check_steps(ms.info, x, self.max_steps)
+        if not checked:
+            x = check_steps(ms.info, x, self.max_steps)
         key = session_key(sequence_id, tenant)
         slot = ms.table.get(key)
         restart = False
@@ -221,7 +236,9 @@ class SessionManager:
         now = time.monotonic()
         ms.last_used[slot] = now
         item = _Item(slot, x, None, restart, end, call, index)
-        quiet = not ms.pending and now - ms.last_arrival > BATCH_WINDOW_S
+        if not ms.batching and now >= ms.next_probe:
+            ms.batching = True  # probe again: load may have changed
+        quiet = not ms.pending and (not ms.batching or now - ms.last_arrival > BATCH_WINDOW_S)
         ms.last_arrival = now
         if quiet and call.future is None:
             self._run_round(ms, [item])  # inline: see the module doc
@@ -243,12 +260,16 @@ class SessionManager:
                                               start=start, end=end, tenant=tenant))[0]
 
     async def step_with_position(self, model, version, sequence_id, x, *, start=False,
-                                 end=False, tenant="") -> tuple[np.ndarray, int]:
-        """Like step(), also returning the session's position after the step."""
+                                 end=False, tenant="", checked=False) -> tuple[np.ndarray, int]:
+        """Like step(), also returning the session's position after the step.
+
+        checked=True: the caller guarantees x is already (1, F) float32 with
+        finite values of this model (a protocol's fast path); nothing is re-checked.
+        """
         ms = self.model_sessions(model, version)
         # Try inline first: a call without a future runs at once when quiet.
         call = _Call(None, 1)
-        self._admit(ms, sequence_id, x, start, end, tenant, call, 0)
+        self._admit(ms, sequence_id, x, start, end, tenant, call, 0, checked)
         if call.left:  # it was queued: wait for the flush
             call.future = asyncio.get_running_loop().create_future()
             await call.future
@@ -438,6 +459,13 @@ class SessionManager:
     def _flush(self, ms: ModelSessions) -> None:
         ms.scheduled = False
         items, ms.pending = ms.pending, []
+        ms.probe_flushes += 1
+        ms.probe_steps += len(items)
+        if ms.probe_flushes >= PROBE_FLUSHES:
+            ms.batching = ms.probe_steps >= PAYS_MEAN_BATCH * ms.probe_flushes
+            if not ms.batching:
+                ms.next_probe = time.monotonic() + PROBE_EVERY_S
+            ms.probe_flushes = ms.probe_steps = 0
         while items:
             seen, now, later = set(), [], []
             for it in items:
