@@ -3,7 +3,7 @@
     python -m serving.oip_bench [--repo model_repository] [--model NAME]
                                 [--steps 100] [--rounds 20] [--json FILE]
 
-Starts the seqserve server in its own process, then drives ONE session step by
+Starts `seqserve serve` in its own process, then drives ONE session step by
 step (each step waits for its answer) along these paths, in the same run:
   oip-infer          tritonclient InferenceServerClient.infer(sequence_id=...)
   oip-stream         tritonclient start_stream + async_stream_infer, one in flight
@@ -60,12 +60,9 @@ def _free_port() -> int:
 
 
 def start_server(repo: str, port: int, log_path: Path) -> subprocess.Popen:
-    """The seqserve server in its own process; returns once every model is ready."""
-    # serving.server.serve is what `seqserve serve` runs, minus the CLI's logging setup
-    code = ("import asyncio, sys; from serving.server import serve; "
-            "from serving.settings import from_args; asyncio.run(serve(from_args(sys.argv[1:])))")
-    cmd = [sys.executable, "-c", code, "--repo", repo, "--port", str(port),
-           "--metrics-port", "0", "--state-dir", ""]
+    """`seqserve serve` in its own process; returns once every model is ready."""
+    cmd = [sys.executable, "-m", "seqserve", "serve", "--repo", repo, "--port", str(port),
+           "--metrics-port", "0", "--state-dir", "", "--log-level", "WARNING"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     from protos.inference import messages as pb  # wait with a plain stub: no tritonclient yet
