@@ -115,17 +115,25 @@ class _Unary:
 
 
 class _Stream:
-    """One StreamSteps call; each message carries `sessions` sessions' steps."""
+    """One StreamSteps call; each message carries `sessions` sessions' steps
+    (more than one: the packed SessionBatch form a gateway would send)."""
 
     def __init__(self, ch, model, x, sessions=1, sid="bench-stream"):
         self.call = pb_grpc.InferenceStub(ch).StreamSteps()
         self.ids = [f"{sid}-{i}" for i in range(sessions)]
         self.model, self.x = model, x
-        self.msg = pb.StreamStepsRequest(steps=[_step(model, s, x) for s in self.ids])
+        if sessions == 1:
+            self.msg = pb.StreamStepsRequest(steps=[_step(model, s, x) for s in self.ids])
+            self.first = pb.StreamStepsRequest(steps=[_step(model, s, x, start=True) for s in self.ids])
+        else:
+            xs = pb.Tensor(shape=[sessions, len(x)], float_data=x * sessions)
+            self.msg = pb.StreamStepsRequest(batch=pb.SessionBatch(
+                model=model, sequence_keys=self.ids, x=xs))
+            self.first = pb.StreamStepsRequest(batch=pb.SessionBatch(
+                model=model, sequence_keys=self.ids, x=xs, start=[True] * sessions))
 
     async def open(self, warm=200):
-        await self.call.write(pb.StreamStepsRequest(
-            steps=[_step(self.model, s, self.x, start=True) for s in self.ids]))
+        await self.call.write(self.first)
         await self.call.read()
         for _ in range(warm):
             await self.call.write(self.msg)
@@ -137,8 +145,9 @@ class _Stream:
             await self.call.write(self.msg)
             reply = await self.call.read()
             lat.append(time.perf_counter_ns() - t)
-        if reply.results[0].code:
-            raise RuntimeError(f"step failed: {reply.results[0].error}")
+        codes = list(reply.batch.codes) or [r.code for r in reply.results]
+        if any(codes):
+            raise RuntimeError(f"step failed: {(list(reply.batch.errors) or [reply.results[0].error])[0]}")
 
     async def close(self):
         await self.call.done_writing()

@@ -78,6 +78,24 @@ class StepStream:
             self._requests.put(pb.StreamStepsRequest(steps=steps))
             return list(next(self._replies).results)
 
+    def send_batch(self, sequence_ids: list, x, *, start=None, end=None):
+        """One step for each of B sessions in the packed form (one cell call).
+
+        x: (B, F) float32 or (B,) int64. Returns (y (B, out), positions (B,),
+        errors): errors maps a refused row's index to its StepError.
+        """
+        b = pb.SessionBatch(model=self.model, x=tensor(x), start=start or [], end=end or [])
+        if sequence_ids and isinstance(sequence_ids[0], str):
+            b.sequence_keys.extend(sequence_ids)
+        else:
+            b.sequence_ids.extend(int(i) for i in sequence_ids)
+        with self._lock:
+            self._requests.put(pb.StreamStepsRequest(batch=b))
+            r = next(self._replies).batch
+        y = array(r.y) if r.y.shape else np.zeros((0, 0), np.float32)
+        errors = {i: StepError(c, m) for i, (c, m) in enumerate(zip(r.codes, r.errors)) if c}
+        return y, np.array(r.positions, np.int64), errors
+
     def step(self, sequence_id, x=None, *, start=False, end=False, text: str = ""):
         """-> (y (T, out), position); raises StepError if the server refused it."""
         (r,) = self.send([step_request(self.model, sequence_id, x, start=start, end=end, text=text)])

@@ -156,7 +156,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for message in request_iterator:
             t0 = time.perf_counter()
             steps = message.steps
-            if len(steps) == 1:  # the common case, without step_many's lists
+            if message.HasField("batch"):
+                reply = await self._session_batch(message.batch, tenant)
+                if steps:
+                    reply.results.extend((await self._step_many(steps, tenant)).results)
+            elif len(steps) == 1:  # the common case, without step_many's lists
                 try:
                     model, version, seq, x, start, end, checked = self._step_x(steps[0])
                     y, pos = await sessions.step_with_position(
@@ -250,6 +254,50 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     y, pos = res
                     results[i] = pb.StepResponse(y=from_array(y), position=pos)
         return pb.StreamStepsResponse(results=results)
+
+    async def _session_batch(self, b: pb.SessionBatch, tenant: str) -> pb.StreamStepsResponse:
+        """The packed form: B sessions' steps as arrays, answered as arrays."""
+        reply = pb.StreamStepsResponse()
+        out = reply.batch
+        ids = list(b.sequence_ids) or list(b.sequence_keys)
+        B = len(ids)
+        try:
+            if not B:
+                raise InvalidArgument("batch names no session (sequence_ids or sequence_keys)")
+            if b.sequence_ids and b.sequence_keys:
+                raise InvalidArgument("batch sets both sequence_ids and sequence_keys; use one")
+            m = self.registry.get(b.model, b.version or None)
+            tokens = m.info.input_kind == "tokens"
+            x = to_array(b.x, "batch x")
+            if not b.x.shape:
+                x = x if tokens else x.reshape(B, -1) if x.size % B == 0 else x
+            want = (B,) if tokens else (B, m.info.input_features)
+            if x.shape != want or (x.dtype == np.int64) != tokens:
+                raise InvalidArgument(
+                    f"batch x for {m.name!r} must be {'int64' if tokens else 'float32'} of shape "
+                    f"{want} (one step per session), got {x.dtype} {x.shape}")
+            starts = list(b.start) or [False] * B
+            ends = list(b.end) or [False] * B
+            if len(starts) != B or len(ends) != B:
+                raise InvalidArgument(f"batch start/end need one flag per session ({B})")
+            y, positions, errs = await self.sessions.step_batch(
+                m.name, b.version or None, ids, x, starts, ends, tenant)
+        except Exception as exc:  # noqa: BLE001 - the whole batch is refused, the stream lives
+            code, message = errors.classify(exc, "StreamSteps")
+            metrics.observe_request("StreamSteps.batch", code)
+            out.codes[:] = [errors.status_number(code)] * max(B, 1)
+            out.errors[:] = [message] * max(B, 1)
+            return reply
+        out.y.shape[:] = y.shape
+        out.y.float_data[:] = y.ravel().tolist()
+        out.positions[:] = positions.tolist()
+        if any(e is not None for e in errs):
+            pairs = [(0, "") if e is None else
+                     (lambda c: (errors.status_number(c[0]), c[1]))(errors.classify(e, "StreamSteps"))
+                     for e in errs]
+            out.codes[:] = [p[0] for p in pairs]
+            out.errors[:] = [p[1] for p in pairs]
+        return reply
 
     @errors.unary("Rollout")
     async def Rollout(self, request, context):

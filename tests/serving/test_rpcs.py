@@ -192,3 +192,23 @@ def test_multiplexed_message_with_bad_rows(client, model_repo, kit):
             s.step("mx-3", x[0])  # ended by its own step
     want = kit.ort_reference(model_repo / "gru/1/model.onnx", x[None])["y"][0]
     assert np.abs(np.concatenate([kit.array(res[0].y), y2]) - want).max() < 1e-4
+
+
+def test_packed_session_batch_matches_ort_and_refuses_rows_one_by_one(client, model_repo, kit):
+    xs = np.random.default_rng(7).standard_normal((6, 4, 3)).astype(np.float32)  # (B, T, F)
+    ids = [5001, 5002, 5003, 5004, 5005, 5006]
+    got = np.zeros((6, 4, 3), np.float32)
+    with client.stream("lstm") as s:
+        for t in range(4):
+            y, pos, errs = s.send_batch(ids, xs[:, t], start=[t == 0] * 6)
+            assert not errs and list(pos) == [t + 1] * 6
+            got[:, t] = y
+        bad = xs[:, 0].copy()
+        bad[2, 1] = np.nan
+        y, pos, errs = s.send_batch(ids[:3] + [9999], np.concatenate([bad[:3], bad[3:4]]))
+        assert set(errs) == {2, 3} and "NaN" in str(errs[2]) and "start" in str(errs[3])
+        assert list(pos[:2]) == [5, 5] and pos[2] == 0
+        _, _, errs = s.send_batch(ids[:2], np.zeros((2, 4), np.float32))  # wrong features
+        assert set(errs) == {0, 1} and "shape" in str(errs[0])
+    want = kit.ort_reference(model_repo / "lstm/1/model.onnx", xs)["y"]
+    assert np.abs(got - want).max() < 1e-4

@@ -161,16 +161,50 @@ class StepResponse(_message.Message):
     def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class StreamStepsRequest(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "batch")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    batch: SessionBatch
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., batch: _Optional[_Union[SessionBatch, _Mapping]] = ...) -> None: ...
 
 class StreamStepsResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "batch")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StepResponse]
-    def __init__(self, results: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ...) -> None: ...
+    batch: SessionBatchResult
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ..., batch: _Optional[_Union[SessionBatchResult, _Mapping]] = ...) -> None: ...
+
+class SessionBatch(_message.Message):
+    __slots__ = ("model", "version", "sequence_ids", "sequence_keys", "x", "start", "end")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    sequence_ids: _containers.RepeatedScalarFieldContainer[int]
+    sequence_keys: _containers.RepeatedScalarFieldContainer[str]
+    x: Tensor
+    start: _containers.RepeatedScalarFieldContainer[bool]
+    end: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_ids: _Optional[_Iterable[int]] = ..., sequence_keys: _Optional[_Iterable[str]] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[_Iterable[bool]] = ..., end: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class SessionBatchResult(_message.Message):
+    __slots__ = ("y", "positions", "codes", "errors")
+    Y_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    y: Tensor
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    codes: _containers.RepeatedScalarFieldContainer[int]
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Iterable[int]] = ..., codes: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RolloutRequest(_message.Message):
     __slots__ = ("model", "version", "sequence_id", "sequence_key", "steps", "x", "commit")
