@@ -91,10 +91,14 @@ def word_shape(token: str) -> str:
 
 
 def build_vocab(train_tokens: list[list[str]], min_freq: int = 2) -> Vocab:
-    """Frequent training words plus the shapes seen among the rare ones."""
+    """Frequent training words plus every word shape seen in training.
+
+    All shapes, not only those of rare words: word dropout shows known words as
+    their shapes, so even with min_freq 1 the shape tokens get trained.
+    """
     counts = Counter(t for toks in train_tokens for t in toks)
     words = Vocab.build(train_tokens, min_freq=min_freq)
-    shapes = sorted({word_shape(t) for t, n in counts.items() if n < min_freq})
+    shapes = sorted({word_shape(t) for t in counts})
     return Vocab.from_list(words.to_list() + [s for s in shapes if s not in words])
 
 
