@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--no-export", action="store_true",
                    help="skip the ONNX export and the served-cell latency column")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse finished run folders under OUT/runs instead of training them again")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite report.md from OUT/compare.json without training")
     args = p.parse_args(argv)
@@ -143,10 +145,31 @@ def _ort_latency(onnx_path: Path, repeats: int) -> float:
 
 
 def export_and_time(run_dir: Path, repo: Path, name: str) -> dict:
-    from training.export import export_run
-    path = export_run(run_dir, repo=repo, name=name, force=True, log=lambda *_: None)
+    """Export through the parity gate and time one served step.
+
+    A run whose export fails the gate is not lost: the report says so, and the
+    step is timed on the same graph written outside the repository.
+    """
+    from training.export import ParityError, build_onnx, export_run
+    from training.model import load_checkpoint
+    try:
+        path = export_run(run_dir, repo=repo, name=name, force=True, log=lambda *_: None)
+        gate = "passed"
+    except ParityError as exc:
+        print(f"compare: export of {run_dir} failed the parity gate: {exc}", file=sys.stderr)
+        model, ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+        path = run_dir / "ungated.onnx"
+        path.write_bytes(build_onnx(model, ckpt, source_run=str(run_dir)).SerializeToString())
+        gate = f"FAILED: {exc}"
     us, how = step_latency(path)
-    return {"onnx": str(path), "step_us": us, "latency_via": how}
+    return {"onnx": str(path), "step_us": us, "latency_via": how, "parity_gate": gate}
+
+
+def _finished(run_dir: Path) -> dict | None:
+    """metrics of a finished run folder (--resume), else None."""
+    if (run_dir / "checkpoint.pt").is_file() and (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text())
+    return None
 
 
 # ---------------------------------------------------------------- tasks
@@ -164,8 +187,12 @@ def compare_text(args) -> dict:
     for cell in args.cells:
         run_dir = args.out / "runs" / f"{args.task}-{cell}"
         t0 = time.perf_counter()
-        m = classify.run(_namespace(args, cell=cell, out=str(run_dir)))
-        m["wall_seconds"] = time.perf_counter() - t0
+        m = _finished(run_dir) if args.resume else None
+        if m is None:
+            m = classify.run(_namespace(args, cell=cell, out=str(run_dir)))
+            m["wall_seconds"] = time.perf_counter() - t0
+        else:
+            print(f"compare: --resume: reusing {run_dir}", file=sys.stderr)
         if not args.no_export:
             m["served"] = export_and_time(run_dir, args.out / "model_repository", f"{args.task}-{cell}")
         results[cell] = m
@@ -192,15 +219,21 @@ def compare_adding(args) -> dict:
             if lag == grad_lag:  # the same initial weights train_adding starts from
                 init = adding.init_model(cell, hidden, layers, args.seed)
                 init_norms = adding.gradient_norms(init, x, target)
-            model, m, cfg = adding.train_adding(
-                cell, lag, hidden=hidden, layers=layers, budget_s=args.budget_s,
-                epochs=args.epochs or adding.DEFAULTS["epochs"],
-                steps_per_epoch=args.steps_per_epoch or adding.DEFAULTS["steps_per_epoch"],
-                seed=args.seed, device=args.device, progress=not args.no_progress,
-                budget_kind=args.budget_kind, wall_cap_s=args.wall_cap_s)
+            m = _finished(run_dir) if args.resume else None
+            if m is not None:
+                from training.model import load_checkpoint
+                print(f"compare: --resume: reusing {run_dir}", file=sys.stderr)
+                model, _ = load_checkpoint(run_dir / "checkpoint.pt")
+            else:
+                model, m, cfg = adding.train_adding(
+                    cell, lag, hidden=hidden, layers=layers, budget_s=args.budget_s,
+                    epochs=args.epochs or adding.DEFAULTS["epochs"],
+                    steps_per_epoch=args.steps_per_epoch or adding.DEFAULTS["steps_per_epoch"],
+                    seed=args.seed, device=args.device, progress=not args.no_progress,
+                    budget_kind=args.budget_kind, wall_cap_s=args.wall_cap_s)
+                adding.save_run(run_dir, model, m, cfg)
             if lag == grad_lag:
                 trained_norms = adding.gradient_norms(model, x, target)
-            adding.save_run(run_dir, model, m, cfg)
             if lag == grad_lag and not args.no_export:
                 m["served"] = export_and_time(run_dir, args.out / "model_repository", f"adding-{lag}-{cell}")
             per_lag[lag] = m
@@ -246,7 +279,10 @@ def _plot_lag(results: dict, lags: list[int], path: Path) -> None:
 
 def _fmt_us(m: dict) -> str:
     s = m.get("served")
-    return f"{s['step_us']:.1f}" if s else "n/a"
+    if not s:
+        return "n/a"
+    flag = "" if s.get("parity_gate", "passed") == "passed" else " (export gate failed, see below)"
+    return f"{s['step_us']:.1f}{flag}"
 
 
 def _gates_table(rows: dict[str, dict]) -> list[str]:
@@ -333,6 +369,11 @@ def write_report(args, results: dict, wall: float) -> None:
     lines += _gates_table(summary)
     lines += ["", f"Step latency: {', '.join(sorted(via)) or 'not measured (--no-export)'}, batch 1, "
               "median, one thread; noisy on a shared machine, compare within this table only."]
+    for m in _served_runs(args, results):
+        gate = m.get("served", {}).get("parity_gate", "passed")
+        if gate != "passed":
+            lines.append(f"\nExport of the {m['cell']} run: parity gate {gate}; its latency was timed on "
+                         "the same graph written beside the run (ungated.onnx), not published.")
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
 
 

@@ -45,6 +45,12 @@ def test_compare_adding_report(tmp_path):
     assert seqserve_main(["compare", "--task", "adding", "--cells", "rnn,lstm", "--lags", "5,8",
                           "--out", str(out), "--report-only"]) == 0
     assert "test MSE lag 8" in (out / "report.md").read_text()
+    # --resume reuses the finished run folders: same results without training
+    assert seqserve_main(["compare", "--task", "adding", "--cells", "rnn,lstm", "--lags", "5,8",
+                          "--hidden", "8", "--out", str(out), "--resume", "--no-export",
+                          "--no-progress"]) == 0
+    again = json.loads((out / "compare.json").read_text())
+    assert again["lstm"]["per_lag"]["8"]["test_mse"] == results["lstm"]["per_lag"]["8"]["test_mse"]
 
 
 def test_compare_rejects_bad_cells(capsys):
