@@ -246,7 +246,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             requests.append((model, version, seq, x, start, end, tenant))
             index.append(i)
         if requests:
-            done = await self.sessions.step_many(requests)
+            try:
+                done = await self.sessions.step_many(requests)
+            except Exception as exc:  # noqa: BLE001 - e.g. too many steps: all refused
+                done = [exc] * len(requests)
             for i, res in zip(index, done):
                 if isinstance(res, BaseException):
                     results[i] = _error_result(res)

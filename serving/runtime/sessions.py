@@ -286,6 +286,9 @@ class SessionManager:
         refused it: one bad request does not affect the others.
         """
         requests = list(requests)
+        if len(requests) > self.max_steps:
+            raise InvalidArgument(f"{len(requests)} steps in one message; at most "
+                                  f"{self.max_steps} (--max-steps-per-request)")
         call = _Call(asyncio.get_running_loop().create_future(), len(requests))
         admitted = 0
         for i, (model, version, sequence_id, x, start, end, tenant) in enumerate(requests):
@@ -314,6 +317,9 @@ class SessionManager:
             raise Unavailable("server is shutting down; retry on another replica or after restart")
         ms = self.model_sessions(model, version)
         B = len(sequence_ids)
+        if B > self.max_steps:
+            raise InvalidArgument(
+                f"{B} sessions in one message; at most {self.max_steps} (--max-steps-per-request)")
         errors: list = [None] * B
         for i in bad_rows(ms.info, x, B):
             errors[i] = InvalidArgument(_bad_row_message(ms.info, x[i]))

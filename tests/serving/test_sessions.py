@@ -79,9 +79,20 @@ def test_start_on_a_live_session_restarts_it_with_fresh_state(server, kit):
 
 
 def test_capacity_and_idle_expiry(model_repo, kit):
-    running = kit.start_server(repo=str(model_repo), max_sessions=3, session_idle_s=0.4)
+    running = kit.start_server(repo=str(model_repo), max_sessions=3, session_idle_s=0.4,
+                               max_message_bytes=64 * 1024, max_steps_per_request=8)
     try:
         cl = Client(running.target)
+        # limits: message size (gRPC's own check) and sessions per stream message
+        with pytest.raises(grpc.RpcError) as e:
+            cl.predict("rnn", np.zeros((100, 100, 3), np.float32))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with cl.stream("rnn") as s:
+            _, _, errs = s.send_batch(list(range(1, 10)), np.zeros((9, 3), np.float32),
+                                      start=[True] * 9)
+            assert len(errs) == 9 and "at most 8" in str(errs[0])
+            res = s.send([step_request("rnn", i, [0.0, 0.0, 0.0], start=True) for i in range(1, 10)])
+            assert all(r.code and "at most 8" in r.error for r in res)
         for s in range(3):
             cl.step("rnn", s + 1, [0.0, 0.0, 0.0], start=True)
         with pytest.raises(grpc.RpcError) as e:
