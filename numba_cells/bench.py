@@ -72,12 +72,17 @@ def numba_engine(path, B, device):
     return lambda: cell.step(x, slots)
 
 
+THREADS = [0]  # intra-op threads for ORT and torch; 0 = each library's default (all cores)
+
+
 def _ort_session(path, cuda):
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS[0]
     providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda
                  else ["CPUExecutionProvider"])
-    sess = ort.InferenceSession(str(path), providers=providers)
+    sess = ort.InferenceSession(str(path), opts, providers=providers)
     if cuda and sess.get_providers()[0] != "CUDAExecutionProvider":
         return None
     return sess
@@ -152,7 +157,7 @@ def run(batches, budget_s, max_calls, gpu, path=None, quiet=False):
     model = build_model(Path(path))
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(THREADS[0] or os.cpu_count() or 1)
     rows = []
     engines = [("numba-cpu", lambda B: numba_engine(path, B, "cpu")),
                ("ort-run", lambda B: ort_run_engine(path, B)),
@@ -193,6 +198,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,64,1024", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=2000, help="most timed calls per engine and batch")
     p.add_argument("--seconds", type=float, default=2.0, help="time budget per engine and batch")
+    p.add_argument("--threads", type=int, default=0,
+                   help="intra-op threads for ONNX Runtime and torch (0: their default, all cores); "
+                        "the Numba cell runs on one thread")
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU engines even with a GPU")
     args = p.parse_args(argv)
     try:
@@ -201,6 +209,9 @@ def main(argv=None) -> int:
         raise ValueError(f"--batches must be comma-separated integers, got {args.batches!r}") from None
     if not batches or min(batches) < 1:
         raise ValueError(f"--batches must be positive integers, got {args.batches!r}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    THREADS[0] = args.threads
     if args.steps < 5:
         raise ValueError(f"--steps must be at least 5, got {args.steps}")
     try:

@@ -65,7 +65,8 @@ class _CpuState:
         c = np.zeros_like(h) if self.spec.has_cell_state else self.c
         x, tok = _zeros_input(self.spec, 1, 1)
         slots = np.zeros(1, np.int64)
-        for run in (self.serial, self.parallel) if self.parallel_min > 0 else (self.serial,):
+        runs = [self.serial] + ([self.parallel] if self.parallel_min > 0 else [])
+        for run in runs:
             y = np.empty((1, 1, self.spec.output_size), np.float32)
             run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
                 slots, h, c, y, self.params, self.meta, np.zeros(1, np.uint8))

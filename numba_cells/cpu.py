@@ -143,11 +143,38 @@ def fill_bias(acc, nr, ncols, params, off):
 
 
 @njit(**_jit)
+def head_finish(yr, params, meta):
+    """One output row (O,) after the head's affine map: activation, then out scale/shift."""
+    O, act = meta[M_OUT], meta[M_ACT]
+    if act == ACT_SOFTMAX or act == ACT_LOGSOFTMAX:
+        m = yr[0]
+        for o in range(1, O):
+            m = max(m, yr[o])
+        total = float32(0.0)
+        for o in range(O):
+            total += exp32(yr[o] - m)
+        if act == ACT_SOFTMAX:
+            for o in range(O):
+                yr[o] = exp32(yr[o] - m) / total
+        else:
+            lse = m + np.log(total)
+            for o in range(O):
+                yr[o] = yr[o] - lse
+    elif act != 0:
+        for o in range(O):
+            yr[o] = activate(yr[o], act)
+    if meta[M_OUT_SCALE] >= 0:
+        sc = params[meta[M_OUT_SCALE]: meta[M_OUT_SCALE] + O]
+        sh = params[meta[M_OUT_SHIFT]: meta[M_OUT_SHIFT] + O]
+        for o in range(O):
+            yr[o] = yr[o] * sc[o] + sh[o]
+
+
+@njit(**_jit)
 def head_tile(b0, nr, t, y, params, meta, inp):
     """y[b0:b0+nr, t] = activation(inp @ Wh + bh) * out_scale + out_shift."""
     H, O = meta[M_HIDDEN], meta[M_OUT]
     ow, ob = meta[M_HEAD_W], meta[M_HEAD_B]
-    act = meta[M_ACT]
     for r in range(nr):
         yr = y[b0 + r, t]  # (O,)
         yr[:] = params[ob: ob + O]
@@ -157,28 +184,53 @@ def head_tile(b0, nr, t, y, params, meta, inp):
             v = hr[k]
             for o in range(O):
                 yr[o] += w[o] * v
-        if act == ACT_SOFTMAX or act == ACT_LOGSOFTMAX:
-            m = yr[0]
-            for o in range(1, O):
-                m = max(m, yr[o])
-            total = float32(0.0)
-            for o in range(O):
-                total += exp32(yr[o] - m)
-            if act == ACT_SOFTMAX:
-                for o in range(O):
-                    yr[o] = exp32(yr[o] - m) / total
-            else:
-                lse = m + np.log(total)
-                for o in range(O):
-                    yr[o] = yr[o] - lse
-        elif act != 0:
-            for o in range(O):
-                yr[o] = activate(yr[o], act)
-        if meta[M_OUT_SCALE] >= 0:
-            sc = params[meta[M_OUT_SCALE]: meta[M_OUT_SCALE] + O]
-            sh = params[meta[M_OUT_SHIFT]: meta[M_OUT_SHIFT] + O]
-            for o in range(O):
-                yr[o] = yr[o] * sc[o] + sh[o]
+        head_finish(yr, params, meta)
+
+
+@njit(**_jit)
+def head_rows(y2, t, params, meta):
+    """head_finish over every row of y2[:, t] (the batched path computed the affine part)."""
+    if meta[M_ACT] != 0 or meta[M_OUT_SCALE] >= 0:
+        for r in range(y2.shape[0]):
+            head_finish(y2[r, t], params, meta)
+
+
+@njit(**_jit)
+def lstm_update(gates, G, nr, b0, slots, h, c, l, params, meta, inp):
+    """Gate pre-activations (nr rows of stride G, order i, o, f, c) -> h, c of layer l, in place;
+    the new h also goes to inp (nr, H), the next layer's input."""
+    H = meta[M_HIDDEN]
+    lb = M_LAYER0 + PER_LAYER * l
+    peep = meta[M_PEEP]
+    op = meta[lb + L_P]
+    pi, po, pf = params[op: op + H], params[op + H: op + 2 * H], params[op + 2 * H: op + 3 * H]
+    for r in range(nr):
+        g = r * G
+        # Slices, and one phase per loop: a loop that reads and writes many
+        # arrays needs more runtime alias checks than LLVM will emit, and then
+        # it stays scalar (measured: 27 ns per unit fused, 5 ns split).
+        gi, go = gates[g: g + H], gates[g + H: g + 2 * H]
+        gf, gc = gates[g + 2 * H: g + 3 * H], gates[g + 3 * H: g + 4 * H]
+        hs, cs = h[slots[b0 + r], l], c[slots[b0 + r], l]
+        if peep:
+            for j in range(H):
+                gi[j] += pi[j] * cs[j]
+            for j in range(H):
+                gf[j] += pf[j] * cs[j]
+        for j in range(H):
+            gi[j] = sigmoid(gi[j])
+        for j in range(H):
+            gf[j] = sigmoid(gf[j])
+        for j in range(H):
+            gc[j] = tanh(gc[j])
+        for j in range(H):
+            cs[j] = lstm_cell_state(gi[j], gf[j], gc[j], cs[j])
+        if peep:
+            for j in range(H):
+                go[j] += po[j] * cs[j]
+        for j in range(H):
+            hs[j] = lstm_hidden(go[j], cs[j])
+        inp[r * H: (r + 1) * H] = hs  # next layer's input
 
 
 @njit(**_jit)
@@ -193,38 +245,58 @@ def lstm_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         gather_state(b0, nr, slots, h, l, hv, H)
         gemv_tile(gates, G, 0, G, nr, params, meta[lb + L_W], inp, width)  # (nr, 4H)
         gemv_tile(gates, G, 0, G, nr, params, meta[lb + L_R], hv, H)
-        peep = meta[M_PEEP]
-        op = meta[lb + L_P]
-        pi, po, pf = params[op: op + H], params[op + H: op + 2 * H], params[op + 2 * H: op + 3 * H]
-        for r in range(nr):
-            g = r * G
-            # Slices, and one phase per loop: a loop that reads and writes many
-            # arrays needs more runtime alias checks than LLVM will emit, and then
-            # it stays scalar (measured: 27 ns per unit fused, 5 ns split).
-            gi, go = gates[g: g + H], gates[g + H: g + 2 * H]
-            gf, gc = gates[g + 2 * H: g + 3 * H], gates[g + 3 * H: g + 4 * H]
-            hs, cs = h[slots[b0 + r], l], c[slots[b0 + r], l]
-            if peep:
-                for j in range(H):
-                    gi[j] += pi[j] * cs[j]
-                for j in range(H):
-                    gf[j] += pf[j] * cs[j]
-            for j in range(H):
-                gi[j] = sigmoid(gi[j])
-            for j in range(H):
-                gf[j] = sigmoid(gf[j])
-            for j in range(H):
-                gc[j] = tanh(gc[j])
-            for j in range(H):
-                cs[j] = lstm_cell_state(gi[j], gf[j], gc[j], cs[j])
-            if peep:
-                for j in range(H):
-                    go[j] += po[j] * cs[j]
-            for j in range(H):
-                hs[j] = lstm_hidden(go[j], cs[j])
-            inp[r * H: (r + 1) * H] = hs  # next layer's input
+        lstm_update(gates, G, nr, b0, slots, h, c, l, params, meta, inp)
         width = H
     head_tile(b0, nr, t, y, params, meta, inp)
+
+
+@njit(**_jit)
+def gru_candidate(gates, G, nr, cand, hv, rh, lbr, phase):
+    """GRU candidate in place in gates[:, 2H:3H] (rows of stride G, order z, r, h).
+
+    cand (nr, H) holds the recurrent part: Rh h + Rbh (lbr=1), or Rh (r*h) + Rbh (lbr=0),
+    for which phase 1 first writes r*h into rh and phase 2 finishes. One phase per loop.
+    """
+    H = G // 3
+    for r in range(nr):
+        g = r * G
+        gr, gn = gates[g + H: g + 2 * H], gates[g + 2 * H: g + G]
+        cr = cand[r * H: (r + 1) * H]
+        if lbr:
+            for j in range(H):
+                gr[j] = sigmoid(gr[j])
+            for j in range(H):
+                gn[j] = tanh(gn[j] + gr[j] * cr[j])
+        elif phase == 1:
+            hp, dst = hv[r * H: (r + 1) * H], rh[r * H: (r + 1) * H]
+            for j in range(H):
+                dst[j] = sigmoid(gr[j]) * hp[j]
+        else:
+            for j in range(H):
+                gn[j] = tanh(gn[j] + cr[j])
+
+
+@njit(**_jit)
+def gru_update(gates, G, nr, b0, slots, h, l, hv, inp):
+    """h = (1 - z) n + z h_prev for layer l, in place; the new h also goes to inp."""
+    H = G // 3
+    for r in range(nr):
+        gz, gn = gates[r * G: r * G + H], gates[r * G + 2 * H: (r + 1) * G]
+        hp, hs = hv[r * H: (r + 1) * H], h[slots[b0 + r], l]
+        for j in range(H):
+            gz[j] = sigmoid(gz[j])
+        for j in range(H):
+            hs[j] = gru_unit(gz[j], gn[j], hp[j])
+        inp[r * H: (r + 1) * H] = hs
+
+
+@njit(**_jit)
+def rnn_update(gates, nr, b0, slots, h, l, inp, H):
+    for r in range(nr):
+        g, hs = gates[r * H: (r + 1) * H], h[slots[b0 + r], l]
+        for j in range(H):
+            hs[j] = tanh(g[j])
+        inp[r * H: (r + 1) * H] = hs
 
 
 @njit(**_jit)
@@ -246,33 +318,13 @@ def gru_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         if lbr:
             # n = tanh(Wn x + Wbn + r * (Rn h + Rbn))
             gemv_tile(cand, H, 0, H, nr, params, meta[lb + L_RH], hv, H)
-            for r in range(nr):
-                g = r * G
-                gz, gr, gn = gates[g: g + H], gates[g + H: g + 2 * H], gates[g + 2 * H: g + G]
-                cr = cand[r * H: (r + 1) * H]
-                for j in range(H):  # one phase per loop: see lstm_tile
-                    gr[j] = sigmoid(gr[j])
-                for j in range(H):
-                    gn[j] = tanh(gn[j] + gr[j] * cr[j])
+            gru_candidate(gates, G, nr, cand, hv, rh, lbr, 0)
         else:
             # n = tanh(Wn x + Wbn + Rn (r * h) + Rbn): r is needed for all units first
-            for r in range(nr):
-                gr, hp, dst = gates[r * G + H: r * G + 2 * H], hv[r * H: (r + 1) * H], rh[r * H: (r + 1) * H]
-                for j in range(H):
-                    dst[j] = sigmoid(gr[j]) * hp[j]
+            gru_candidate(gates, G, nr, cand, hv, rh, lbr, 1)
             gemv_tile(cand, H, 0, H, nr, params, meta[lb + L_RH], rh, H)
-            for r in range(nr):
-                gn, cr = gates[r * G + 2 * H: (r + 1) * G], cand[r * H: (r + 1) * H]
-                for j in range(H):
-                    gn[j] = tanh(gn[j] + cr[j])
-        for r in range(nr):
-            gz, gn = gates[r * G: r * G + H], gates[r * G + 2 * H: (r + 1) * G]
-            hp, hs = hv[r * H: (r + 1) * H], h[slots[b0 + r], l]
-            for j in range(H):
-                gz[j] = sigmoid(gz[j])
-            for j in range(H):
-                hs[j] = gru_unit(gz[j], gn[j], hp[j])
-            inp[r * H: (r + 1) * H] = hs
+            gru_candidate(gates, G, nr, cand, hv, rh, lbr, 2)
+        gru_update(gates, G, nr, b0, slots, h, l, hv, inp)
         width = H
     head_tile(b0, nr, t, y, params, meta, inp)
 
@@ -288,11 +340,7 @@ def rnn_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         gather_state(b0, nr, slots, h, l, hv, H)
         gemv_tile(gates, H, 0, H, nr, params, meta[lb + L_W], inp, width)
         gemv_tile(gates, H, 0, H, nr, params, meta[lb + L_R], hv, H)
-        for r in range(nr):
-            g, hs = gates[r * H: (r + 1) * H], h[slots[b0 + r], l]
-            for j in range(H):
-                hs[j] = tanh(g[j])
-            inp[r * H: (r + 1) * H] = hs
+        rnn_update(gates, nr, b0, slots, h, l, inp, H)
         width = H
     head_tile(b0, nr, t, y, params, meta, inp)
 

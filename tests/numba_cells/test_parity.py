@@ -26,8 +26,8 @@ def _initial_state(cell, B, rng):
     return h0, c0
 
 
-def stream(cell, xs, slots, rng, chunk_max=1):
-    """Advance session b over xs[b] from tick b*3 on; at each tick a random subset of
+def stream(cell, xs, slots, rng, chunk_max=1, stagger=3):
+    """Advance session b over xs[b] from tick b*stagger on; at each tick a random subset of
     the sessions that have steps left goes in one shuffled batch (chunks of up to
     chunk_max steps, all rows of a batch the same length). -> y (B, T, out)."""
     B, T = xs.shape[:2]
@@ -35,7 +35,7 @@ def stream(cell, xs, slots, rng, chunk_max=1):
     pos = np.zeros(B, int)
     tick = 0
     while (pos < T).any():
-        active = [b for b in range(B) if b * 3 <= tick and pos[b] < T and rng.random() < 0.8]
+        active = [b for b in range(B) if b * stagger <= tick and pos[b] < T and rng.random() < 0.8]
         rng.shuffle(active)
         if active:
             n = int(min(rng.integers(1, chunk_max + 1), min(T - pos[b] for b in active)))
@@ -51,16 +51,19 @@ def stream(cell, xs, slots, rng, chunk_max=1):
     return ys
 
 
-def check_parity(path, reference, record=None, B=4, T=STEPS, chunk_max=1, seed=0, device="cpu"):
+def check_parity(path, reference, record=None, B=4, T=STEPS, chunk_max=1, seed=0, device="cpu",
+                 stagger=3, on_load=None):
     rng = np.random.default_rng(seed)
     cell = load_cell(path, device=device, capacity=3 * B)
+    if on_load is not None:
+        on_load(cell)
     slots = rng.permutation(3 * B)[:B].astype(np.int64)  # scattered, not 0..B-1
     xs = _inputs(cell, B, T, rng)
     h0, c0 = _initial_state(cell, B, rng)
     want = reference(path, xs, h0, c0)
     for b, s in enumerate(slots):
         cell.reset(s, h0[:, b], None if c0 is None else c0[:, b])
-    got = stream(cell, xs, slots, rng, chunk_max)
+    got = stream(cell, xs, slots, rng, chunk_max, stagger)
     errs = {"y": float(np.abs(got - want[0]).max())}
     states = cell.read_many(slots)
     errs["hn"] = float(np.abs(states["h"].transpose(1, 0, 2) - want[1]).max())
