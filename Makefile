@@ -38,7 +38,7 @@ demo: model
 
 bench: setup model
 	$(BIN)/seqserve bench cells
-	$(BIN)/python -m serving.bench serve --repo $(REPO) --model $(DEFAULT_MODEL)
+	$(BIN)/seqserve bench serve --repo $(REPO) --model $(DEFAULT_MODEL)
 
 clean:
 	rm -rf runs $(REPO) state reports .pytest_cache
