@@ -199,6 +199,29 @@ class InferenceServicer:
             raise FailedPrecondition(
                 f"model '{model.name}' reads sequences both ways and cannot keep a sequence; "
                 f"send the whole sequence without sequence_id")
+        names = codec.requested_outputs(
+            model.name, request, ["y"])  # hn/cn stay on the server with the session
+        step = codec.one_float_step(request, model.info)  # (1, F), already checked, or None
+        checked = step is not None
+        if not checked:
+            step = self._sequence_input(model, request)  # (T, F) | (T,)
+        sid = control.sequence_id
+        if not control.start:
+            ms = self.sessions.model_sessions(model.name, model.version)
+            if session_key(sid, tenant) not in ms.table:
+                raise InvalidArgument(
+                    f"inference request for sequence {sid} to model '{model.name}' must specify "
+                    f"the START flag on the first request of the sequence (set sequence_start; "
+                    f"the sequence may also have ended or expired)")
+        y, position = await self.sessions.step_with_position(
+            model.name, model.version, sid, step, start=control.start, end=control.end,
+            tenant=tenant, checked=checked)
+        response.parameters["sequence_position"].int64_param = position
+        return {"y": np.asarray(y)[None]}, names  # (1, T, out)
+
+    @staticmethod
+    def _sequence_input(model, request) -> np.ndarray:
+        """x of a sequence request, checked: (1, T, F) -> (T, F), (1, T) -> (T,)."""
         inputs = codec.model_inputs(model.name, model.info, request)
         extra = sorted(set(inputs) - {"x"})
         if extra:
@@ -210,21 +233,7 @@ class InferenceServicer:
             raise InvalidArgument(
                 f"a sequence request carries one sequence: input 'x' must have batch 1 "
                 f"(shape [1, time{', features' if x.ndim == 3 else ''}]), got batch {x.shape[0]}")
-        names = codec.requested_outputs(
-            model.name, request, ["y"])  # hn/cn stay on the server with the session
-        sid = control.sequence_id
-        if not control.start:
-            ms = self.sessions.model_sessions(model.name, model.version)
-            if session_key(sid, tenant) not in ms.table:
-                raise InvalidArgument(
-                    f"inference request for sequence {sid} to model '{model.name}' must specify "
-                    f"the START flag on the first request of the sequence (set sequence_start; "
-                    f"the sequence may also have ended or expired)")
-        y, position = await self.sessions.step_with_position(
-            model.name, model.version, sid, x[0], start=control.start, end=control.end,
-            tenant=tenant)  # x[0]: (T, F) | (T,) -> y (T, out)
-        response.parameters["sequence_position"].int64_param = position
-        return {"y": np.asarray(y)[None]}, names  # (1, T, out)
+        return x[0]
 
 
 def add_to_server(server, registry, sessions) -> list[str]:

@@ -11,7 +11,9 @@ This module knows OIP messages and numpy; it never touches a model runtime.
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,24 +119,29 @@ class TensorSpec:
     axes: tuple[str, ...]  # names of the axes, for messages
 
 
-def model_specs(info) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def model_specs(info) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """(inputs, outputs) of a served model, from its artifact metadata.
 
     info: seqserve.artifact.ModelInfo. Batch and time are dynamic (-1); the
     state's batch axis too, since it follows x's batch.
     """
-    state_rows = info.layers * info.directions
-    if info.input_kind == "tokens":
+    return _specs(info.input_kind, info.input_features, info.layers * info.directions,
+                  info.hidden, info.output_size, tuple(info.state_names))
+
+
+@functools.lru_cache(maxsize=256)  # every request asks; the answer depends on these alone
+def _specs(input_kind, features, state_rows, hidden, outputs, state_names):
+    if input_kind == "tokens":
         x = TensorSpec("x", "INT64", (-1, -1), ("batch", "time"))
     else:
-        x = TensorSpec("x", "FP32", (-1, -1, info.input_features), ("batch", "time", "features"))
+        x = TensorSpec("x", "FP32", (-1, -1, features), ("batch", "time", "features"))
     state_axes = ("layers*directions", "batch", "hidden")
-    states = [TensorSpec(f"{s}0", "FP32", (state_rows, -1, info.hidden), state_axes)
-              for s in info.state_names]
-    y = TensorSpec("y", "FP32", (-1, -1, info.output_size), ("batch", "time", "outputs"))
-    finals = [TensorSpec(f"{s}n", "FP32", (state_rows, -1, info.hidden), state_axes)
-              for s in info.state_names]
-    return [x, *states], [y, *finals]
+    states = [TensorSpec(f"{s}0", "FP32", (state_rows, -1, hidden), state_axes)
+              for s in state_names]
+    y = TensorSpec("y", "FP32", (-1, -1, outputs), ("batch", "time", "outputs"))
+    finals = [TensorSpec(f"{s}n", "FP32", (state_rows, -1, hidden), state_axes)
+              for s in state_names]
+    return (x, *states), (y, *finals)
 
 
 def conform(model: str, spec: TensorSpec, array: np.ndarray, datatype: str) -> np.ndarray:
@@ -238,6 +245,39 @@ def encode_response(response, outputs: dict[str, np.ndarray], names: list[str]):
         tensor.shape.extend(array.shape)
         response.raw_output_contents.append(array.tobytes())
     return response
+
+
+def one_float_step(request, info) -> np.ndarray | None:
+    """The common sequence request, one step of F finite floats, as (1, F) float32.
+
+    Only input x, FP32, shape [1, 1, F], raw bytes or fp32_contents, a float
+    model with F <= 16. None for anything else: the general path
+    (model_inputs) checks that and names the problem. For a handful of
+    values, Python's struct and isfinite cost less than numpy's per-call
+    overhead, and the session manager need not check the step again.
+    """
+    if len(request.inputs) != 1 or info.input_kind != "float":
+        return None
+    tensor = request.inputs[0]
+    F = info.input_features
+    if (tensor.name != "x" or tensor.datatype != "FP32" or F > 16
+            or list(tensor.shape) != [1, 1, F]):
+        return None
+    raws = request.raw_input_contents
+    if len(raws):
+        if len(raws) != 1 or len(raws[0]) != 4 * F or tensor.HasField("contents"):
+            return None
+        values = struct.unpack(f"<{F}f", raws[0])
+    else:
+        values = tensor.contents.fp32_contents
+        if len(values) != F or any(
+            len(getattr(tensor.contents, f)) for f in _CONTENT_FIELDS if f != "fp32_contents"
+        ):
+            return None
+    for v in values:
+        if not math.isfinite(v):
+            return None
+    return np.array(values, np.float32).reshape(1, F)
 
 
 @dataclass(frozen=True)

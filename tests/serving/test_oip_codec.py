@@ -242,3 +242,28 @@ def test_encoded_outputs_decode_in_tritonclient(array):
     got = result.as_numpy("y")
     assert got.dtype == array.dtype and got.shape == array.shape
     np.testing.assert_array_equal(got, array)
+
+
+def test_one_float_step_fast_path_agrees_with_the_general_path():
+    info = lstm_info()
+    x = np.array([[[0.5, -2.0, 3.25]]], np.float32)  # (1, 1, F)
+    fast = codec.one_float_step(triton_request({"x": x}), info)
+    assert fast.dtype == np.float32 and fast.shape == (1, 3)
+    np.testing.assert_array_equal(fast, codec.model_inputs("m", info, triton_request({"x": x}))["x"][0])
+    typed = typed_request("x", "FP32", [1, 1, 3], "fp32_contents", x.ravel().tolist())
+    np.testing.assert_array_equal(codec.one_float_step(typed, info), fast)
+    # anything else goes the general way, which checks it and names the problem
+    others = [
+        triton_request({"x": np.zeros((1, 2, 3), np.float32)}),             # two steps
+        triton_request({"x": x.astype(np.float64)}),                         # FP64
+        triton_request({"x": np.array([[[np.nan, 0, 0]]], np.float32)}),     # NaN
+        triton_request({"x": x, "h0": np.zeros((2, 1, 8), np.float32)}),    # extra input
+        triton_request({"x": np.zeros((1, 1, 2), np.float32)}),             # wrong F
+    ]
+    cut = triton_request({"x": x})
+    cut.raw_input_contents[0] = cut.raw_input_contents[0][:-1]
+    others.append(cut)
+    for request in others:
+        assert codec.one_float_step(request, info) is None
+    tokens = lstm_info(input_kind="tokens", input_features=50)
+    assert codec.one_float_step(triton_request({"x": x}), tokens) is None

@@ -291,6 +291,11 @@ def test_errors_tell_the_user_what_to_fix(client, oip_server):
         sequence_start=True))
     assert status == "StatusCode.INVALID_ARGUMENT" and "must have batch 1" in message
 
+    nan = np.full((1, 1, FEATURES), np.nan, np.float32)
+    status, message = _error(lambda: client.infer(LSTM, [infer_input("x", nan)], sequence_id=7,
+                                                  sequence_start=True))
+    assert status == "StatusCode.INVALID_ARGUMENT" and "NaN or Inf" in message
+
     # byte length that does not fit the declared shape: tritonclient refuses to
     # build such a request, so send it raw
     request = pb.ModelInferRequest(model_name=LSTM)
