@@ -165,6 +165,9 @@ def plot_losses(curves: dict[str, dict], path, title: str, ylabel: str = "loss")
         ax.plot(range(1, len(c["train"]) + 1), c["train"], color=color, label=f"{label} train")
         if c.get("val"):
             ax.plot(range(1, len(c["val"]) + 1), c["val"], "--", color=color, label=f"{label} val")
+    values = [v for c in curves.values() for v in list(c["train"]) + list(c.get("val") or []) if v > 0]
+    if values and max(values) / min(values) > 20:  # e.g. MSE from 0.17 to 0.001: log shows both ends
+        ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
