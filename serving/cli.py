@@ -23,13 +23,17 @@ DEFAULT_TARGET = os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051")
 def serve_main(argv: list[str] | None = None) -> int:
     import asyncio
 
-    from serving.server import serve
+    from serving.server import StartupFailed, serve
     from serving.settings import from_args
 
     settings = from_args(argv)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupFailed as exc:
+        print(f"seqserve serve: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,10 @@ from serving.settings import Settings
 
 log = logging.getLogger("seqserve.server")
 
+
+class StartupFailed(RuntimeError):
+    """The server cannot serve what the operator asked for (it exits non-zero)."""
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -69,6 +73,8 @@ class Server:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self.ready = asyncio.Event()
+        self.fatal: str = ""  # set when loading failed in a way that must stop the server
+        self.failed = asyncio.Event()
 
     async def start(self) -> int:
         s = self.settings
@@ -107,6 +113,15 @@ class Server:
         await asyncio.to_thread(self.registry.load_all, pins=s.pins(), device=s.device,
                                 max_steps=s.max_steps_per_request)
         self.sessions.refresh()
+        refused = self._refused_models()
+        if refused:
+            # a model the operator explicitly asked for (--device cuda, a
+            # pinned version) that did not load must not look healthy: health
+            # stays NOT_SERVING and serve() exits non-zero with this message
+            self.fatal = "; ".join(f"model {n!r} not served: {why}" for n, why in refused.items())
+            log.error("cannot serve what was asked for: %s", self.fatal)
+            self.failed.set()
+            return
         for m in self.registry:
             log.info("serving %s v%d: ONNX Runtime %s, cell %s", m.name, m.version,
                      m.ort.provider, m.cell_device or "none (cannot stream)")
@@ -121,6 +136,13 @@ class Server:
         log.info("ready: %d models in %.1f s", len(self.registry), time.perf_counter() - t0)
         self.ready.set()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    def _refused_models(self) -> dict[str, str]:
+        """Failed models the operator asked for by name or by device."""
+        s = self.settings
+        pins = s.pins()
+        return {n: why for n, why in self.registry.failed.items()
+                if s.device == "cuda" or n in pins}
 
     async def _housekeeping(self) -> None:
         s = self.settings
@@ -176,6 +198,12 @@ async def serve(settings: Settings, stop_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if server.fatal:
+        await server.stop()
+        raise StartupFailed(server.fatal)
     log.info("signal received: shutting down")
     await server.stop()

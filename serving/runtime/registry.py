@@ -114,6 +114,7 @@ class Registry:
         self.models: dict[str, LoadedModel] = dict(models or {})
         self.repo = repo
         self.ready = models is not None
+        self.failed: dict[str, str] = {}  # model name -> why it is not served
 
     @classmethod
     def load(cls, repo: str, **kwargs) -> "Registry":
@@ -129,7 +130,7 @@ class Registry:
         for name in pins:
             if name not in found:
                 raise ValueError(f"pinned model {name!r} is not in repository {repo!r}")
-        models = {}
+        models, failed = {}, {}
         for name in found:
             try:
                 m = load_model(repo, name, pins.get(name), device=device, max_steps=max_steps)
@@ -137,11 +138,13 @@ class Registry:
                     warm(m)
             except Exception as exc:  # one broken model must not keep the others down
                 log.error("model %s not served: %s", name, exc)
+                failed[name] = str(exc)
                 continue
             models[name] = m
         if not models:
             log.warning("no servable model in repository %r", repo)
         self.models = models
+        self.failed = failed
         self.ready = True
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
