@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         raise ValueError("bench cells needs torch (pip install seqserve[train])") from None
     from numba_cells import cuda_available
 
-    gpu = not args.no_gpu and cuda_available() and not os.environ.get("NUMBA_ENABLE_CUDASIM")
+    gpu = not args.no_gpu and cuda_available(simulator_ok=False)
     rows = run(batches, args.seconds, args.steps, gpu)
     if args.json:  # the table goes to stderr so stdout parses as JSON
         print(table(rows), file=sys.stderr)

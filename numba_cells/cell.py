@@ -23,8 +23,10 @@ from numba_cells.packing import pack
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def cuda_available() -> bool:
-    """A real GPU, or the simulator when NUMBA_ENABLE_CUDASIM=1."""
+def cuda_available(simulator_ok: bool = True) -> bool:
+    """A real GPU, or (if simulator_ok) the simulator when NUMBA_ENABLE_CUDASIM=1."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return simulator_ok
     try:
         from numba import cuda
         return bool(cuda.is_available())
@@ -119,8 +121,8 @@ class Cell:
         capacity = int(capacity)
         if capacity < 1:
             raise CellError(f"capacity must be at least 1, got {capacity}")
-        if device == "auto":
-            device = "cuda" if cuda_available() else "cpu"
+        if device == "auto":  # a real GPU only: the simulator is for tests, and slow
+            device = "cuda" if cuda_available(simulator_ok=False) else "cpu"
         if device == "cuda":
             if not cuda_available():
                 raise CellError("device='cuda' asked for but no CUDA GPU is available "
