@@ -125,6 +125,7 @@ def fit(
     patience: int | None = None,
     budget_s: float | None = None,
     seed: int | None = None,
+    schedule: str = "constant",
     device: str | torch.device | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -139,6 +140,8 @@ def fit(
     budget_s: stop once this many wall-clock seconds have passed (checked
         after every batch); the partial epoch is still validated.
     seed: when given, seed_everything(seed) before the optimizer is built.
+    schedule: "constant" lr, or "cosine": lr * (1 + cos(pi * epoch / epochs)) / 2
+        per epoch, so the last epochs take small, precise steps.
     on_epoch(epoch, train_loss, val_loss): called after each epoch (1-based).
     """
     if epochs <= 0:
@@ -147,6 +150,8 @@ def fit(
         raise ValueError(f"lr must be positive, got {lr}")
     if budget_s is not None and budget_s <= 0:
         raise ValueError(f"budget_s must be positive, got {budget_s}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}: constant or cosine")
     if seed is not None:
         seed_everything(seed)
     dev = pick_device(device)
@@ -160,6 +165,9 @@ def fit(
     bar = tqdm(total=epochs, desc=desc, unit="epoch", disable=not progress, leave=True, dynamic_ncols=True)
     try:
         for epoch in range(epochs):
+            if schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
             model.train()
             total, n, finite = 0.0, 0, True
             for batch in train_batches(epoch):
