@@ -59,7 +59,7 @@ def forecast_plot(path: str | Path, *, title: str, time_label: str, columns: lis
             ax.set_xlabel(time_label)
             ax.set_ylabel(ylabel(col))
             ax.grid(True, alpha=0.3)
-            ax.legend(loc="upper right", fontsize=8)
+            ax.legend(loc="best", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

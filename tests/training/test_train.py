@@ -40,9 +40,10 @@ def test_a_short_run_lowers_the_loss(cell):
     assert hist.best_val_loss == pytest.approx(after, rel=1e-5)  # best weights are what it holds
 
 
-def weights_after_fit(seed):
+def weights_after_fit(seed, schedule="constant"):
     model, X, Y = sine_setup("gru", seed=seed)
-    fit(model, lambda e: batches(X, Y, 64, seed, e), mse, epochs=1, lr=1e-2, seed=seed, progress=False)
+    fit(model, lambda e: batches(X[:256], Y[:256], 64, seed, e), mse, epochs=2, lr=1e-2, seed=seed,
+        schedule=schedule, progress=False)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -50,6 +51,8 @@ def test_same_seed_same_weights_other_seed_other_weights():
     a, b, c = weights_after_fit(5), weights_after_fit(5), weights_after_fit(6)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not all(torch.equal(p, q) for p, q in zip(a, c))
+    cosine = weights_after_fit(5, schedule="cosine")  # epoch 2 at half the lr: other weights
+    assert not all(torch.equal(p, q) for p, q in zip(a, cosine))
 
 
 def test_early_stopping_restores_the_best_weights():
@@ -102,6 +105,8 @@ def test_fit_and_device_refusals():
         fit(model, lambda e: [], mse, epochs=0)
     with pytest.raises(ValueError, match="no batches"):
         fit(model, lambda e: [], mse, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        fit(model, lambda e: [], mse, epochs=1, schedule="linear", progress=False)
     with pytest.raises(ValueError):
         pick_device("tpu")
     assert pick_device("cpu").type == "cpu"
