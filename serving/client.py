@@ -11,6 +11,14 @@
 
 Failed calls raise grpc.RpcError (`.code()`, `.details()`); inside a stream a
 failed step raises StepError and the stream stays usable.
+
+Security: `Client(target, token="...")` sends `authorization: Bearer TOKEN`;
+`tls_ca=` (PEM file of the CA that signed the server) switches to TLS, and
+`tls_cert=`/`tls_key=` add a client certificate for mutual TLS.
+
+Exactly-once: pass `expected_position=` (steps the session has taken before
+this one). Retrying after a lost reply returns the stored answer; an ABORTED
+error means the session is elsewhere: `position_of(err)` says where.
 """
 from __future__ import annotations
 
@@ -24,13 +32,50 @@ from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+POSITION_METADATA = "seqserve-position"
+
+
+def position_of(err: grpc.RpcError) -> int | None:
+    """The session's actual position carried by an ABORTED step, else None."""
+    for key, value in (err.trailing_metadata() or ()):
+        if key == POSITION_METADATA:
+            return int(value)
+    return None
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def make_channel(target: str, *, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, server_name: str | None = None,
+                 options: list | None = None) -> grpc.Channel:
+    """Plain channel, or TLS when any TLS file is given (mutual with cert + key)."""
+    options = list(options or [])
+    if not (tls_ca or tls_cert or tls_key):
+        return grpc.insecure_channel(target, options=options)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+    creds = grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert))
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def auth_metadata(token: str | None) -> tuple:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 class StepError(RuntimeError):
-    """A step refused inside a stream: `code` (grpc.StatusCode) and message."""
+    """A step refused inside a stream: `code` (grpc.StatusCode) and message;
+    `position`: the session's actual position when code is ABORTED."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, position: int | None = None):
         self.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        self.position = position
         super().__init__(f"{self.code.name}: {message}")
 
 
@@ -55,8 +100,10 @@ def _set_sequence(msg, sequence_id) -> None:
 
 
 def step_request(model: str, sequence_id, x=None, *, start=False, end=False, text: str = "",
-                 version: int = 0) -> pb.StepRequest:
+                 version: int = 0, expected_position: int | None = None) -> pb.StepRequest:
     msg = pb.StepRequest(model=model, version=version, start=start, end=end, text=text)
+    if expected_position is not None:
+        msg.expected_position = int(expected_position)
     _set_sequence(msg, sequence_id)
     if x is not None:
         msg.x.CopyFrom(tensor(x))
@@ -66,10 +113,12 @@ def step_request(model: str, sequence_id, x=None, *, start=False, end=False, tex
 class StepStream:
     """One StreamSteps call driven step by step from blocking code."""
 
-    def __init__(self, stub: pb_grpc.InferenceStub, model: str, timeout: float | None = None):
+    def __init__(self, stub: pb_grpc.InferenceStub, model: str, timeout: float | None = None,
+                 metadata: tuple = ()):
         self.model = model
         self._requests: queue.Queue = queue.Queue()
-        self._replies = stub.StreamSteps(iter(self._requests.get, None), timeout=timeout)
+        self._replies = stub.StreamSteps(iter(self._requests.get, None), timeout=timeout,
+                                         metadata=metadata or None)
         self._lock = threading.Lock()
 
     def send(self, steps: list[pb.StepRequest]) -> list[pb.StepResponse]:
@@ -78,13 +127,16 @@ class StepStream:
             self._requests.put(pb.StreamStepsRequest(steps=steps))
             return list(next(self._replies).results)
 
-    def send_batch(self, sequence_ids: list, x, *, start=None, end=None):
+    def send_batch(self, sequence_ids: list, x, *, start=None, end=None, expected_positions=None):
         """One step for each of B sessions in the packed form (one cell call).
 
         x: (B, F) float32 or (B,) int64. Returns (y (B, out), positions (B,),
-        errors): errors maps a refused row's index to its StepError.
+        errors): errors maps a refused row's index to its StepError (a
+        position mismatch's row position is the session's actual position).
         """
-        b = pb.SessionBatch(model=self.model, x=tensor(x), start=start or [], end=end or [])
+        b = pb.SessionBatch(model=self.model, x=tensor(x), start=start or [], end=end or [],
+                            expected_positions=[] if expected_positions is None
+                            else [int(e) for e in expected_positions])
         if sequence_ids and isinstance(sequence_ids[0], str):
             b.sequence_keys.extend(sequence_ids)
         else:
@@ -93,14 +145,17 @@ class StepStream:
             self._requests.put(pb.StreamStepsRequest(batch=b))
             r = next(self._replies).batch
         y = array(r.y) if r.y.shape else np.zeros((0, 0), np.float32)
-        errors = {i: StepError(c, m) for i, (c, m) in enumerate(zip(r.codes, r.errors)) if c}
+        errors = {i: StepError(c, m, r.positions[i] if i < len(r.positions) else None)
+                  for i, (c, m) in enumerate(zip(r.codes, r.errors)) if c}
         return y, np.array(r.positions, np.int64), errors
 
-    def step(self, sequence_id, x=None, *, start=False, end=False, text: str = ""):
+    def step(self, sequence_id, x=None, *, start=False, end=False, text: str = "",
+             expected_position: int | None = None):
         """-> (y (T, out), position); raises StepError if the server refused it."""
-        (r,) = self.send([step_request(self.model, sequence_id, x, start=start, end=end, text=text)])
+        (r,) = self.send([step_request(self.model, sequence_id, x, start=start, end=end, text=text,
+                                       expected_position=expected_position)])
         if r.code:
-            raise StepError(r.code, r.error)
+            raise StepError(r.code, r.error, r.position)
         return array(r.y), r.position
 
     def close(self) -> None:
@@ -117,10 +172,16 @@ class StepStream:
 
 class Client:
     def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = 30.0,
-                 channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target)
+                 channel: grpc.Channel | None = None, *, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, server_name: str | None = None):
+        self.channel = channel or make_channel(target, tls_ca=tls_ca, tls_cert=tls_cert,
+                                               tls_key=tls_key, server_name=server_name)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
+        self.metadata = auth_metadata(token)
+        md = self.metadata or None
+        self._kw = {"metadata": md}
 
     def close(self) -> None:
         self.channel.close()
@@ -151,11 +212,12 @@ class Client:
             time.sleep(0.1)
 
     def list_models(self) -> list[pb.ModelSummary]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        r = self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, **self._kw)
+        return list(r.models)
 
     def metadata(self, model: str, version: int = 0) -> pb.ModelMetadataResponse:
         return self.stub.ModelMetadata(pb.ModelMetadataRequest(model=model, version=version),
-                                       timeout=self.timeout)
+                                       timeout=self.timeout, **self._kw)
 
     def predict(self, model: str, x=None, h0=None, c0=None, *, text: list[str] | None = None,
                 version: int = 0) -> dict[str, np.ndarray]:
@@ -167,7 +229,7 @@ class Client:
             req.h0.CopyFrom(tensor(h0, np.float32))
         if c0 is not None:
             req.c0.CopyFrom(tensor(c0, np.float32))
-        r = self.stub.Predict(req, timeout=self.timeout)
+        r = self.stub.Predict(req, timeout=self.timeout, **self._kw)
         out = {"y": array(r.y), "hn": array(r.hn)}
         if r.HasField("cn"):
             out["cn"] = array(r.cn)
@@ -176,14 +238,18 @@ class Client:
         return out
 
     def step(self, model: str, sequence_id, x=None, *, start=False, end=False, text: str = "",
-             version: int = 0):
-        """One session's next step(s): -> (y (T, out), position)."""
+             version: int = 0, expected_position: int | None = None, timeout=None):
+        """One session's next step(s): -> (y (T, out), position).
+
+        expected_position: see the module doc; ABORTED -> position_of(err).
+        """
         r = self.stub.Step(step_request(model, sequence_id, x, start=start, end=end, text=text,
-                                        version=version), timeout=self.timeout)
+                                        version=version, expected_position=expected_position),
+                           timeout=self.timeout if timeout is None else timeout, **self._kw)
         return array(r.y), r.position
 
     def stream(self, model: str) -> StepStream:
-        return StepStream(self.stub, model)
+        return StepStream(self.stub, model, metadata=self.metadata)
 
     def rollout(self, model: str, sequence_id, steps: int, x=None, *, commit: bool = False):
         """Closed-loop forecast: -> (y (steps, out), position)."""
@@ -191,10 +257,10 @@ class Client:
         _set_sequence(req, sequence_id)
         if x is not None:
             req.x.CopyFrom(tensor(x))
-        r = self.stub.Rollout(req, timeout=self.timeout)
+        r = self.stub.Rollout(req, timeout=self.timeout, **self._kw)
         return array(r.y), r.position
 
     def end_session(self, model: str, sequence_id) -> int:
         req = pb.EndSessionRequest(model=model)
         _set_sequence(req, sequence_id)
-        return self.stub.EndSession(req, timeout=self.timeout).position
+        return self.stub.EndSession(req, timeout=self.timeout, **self._kw).position

@@ -52,12 +52,38 @@ class Aborted(ServingError):
     code = "ABORTED"
 
 
+class PositionMismatch(Aborted):
+    """A step that carried the session position it expected, and it was wrong.
+
+    `position` is the session's actual position (steps taken), so a client
+    can resynchronise; it also travels in trailing metadata
+    (POSITION_METADATA) and in StepResponse.position inside streams.
+    """
+
+    def __init__(self, message: str, position: int):
+        super().__init__(message)
+        self.position = int(position)
+
+
+class DeadlineExceeded(ServingError):
+    code = "DEADLINE_EXCEEDED"
+
+
 class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 
 
 class Internal(ServingError):
     code = "INTERNAL"
+
+
+POSITION_METADATA = "seqserve-position"
+
+
+def trailing(exc: BaseException) -> tuple:
+    """Trailing metadata for an error: the actual position of a mismatched step."""
+    pos = getattr(exc, "position", None)
+    return ((POSITION_METADATA, str(pos)),) if pos is not None else ()
 
 
 def status_code(code: str):
@@ -108,7 +134,7 @@ def unary(method: str):
             except Exception as exc:  # noqa: BLE001 - the point of this decorator
                 code, message = classify(exc, method)
                 _observe(method, code)
-                await context.abort(status_code(code), message)
+                await context.abort(status_code(code), message, trailing(exc))
             _observe(method, "OK")
             return reply
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
-from serving import errors, metrics
+from serving import auth, errors, metrics
 from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
 from serving.runtime.sessions import SessionManager
@@ -38,14 +38,26 @@ def sequence_of(request):
 
 
 def tenant_of(context) -> str:
-    """Tenant of the caller ("" until authentication names one)."""
-    return ""
+    """Tenant of the caller ("" without --auth-tokens); see serving.auth."""
+    return auth.tenant_of(context)
+
+
+def deadline_of(context) -> float | None:
+    """The caller's deadline on time.monotonic()'s clock, or None."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+def expected_of(s) -> int | None:
+    return s.expected_position if s.HasField("expected_position") else None
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, registry: Registry, sessions: SessionManager):
+    def __init__(self, registry: Registry, sessions: SessionManager, max_predict_inflight=64):
         self.registry = registry
         self.sessions = sessions
+        self.max_predict_inflight = max_predict_inflight
+        self._predicting: dict[str, int] = {}  # model -> Predict calls running in threads
         self._step_latency = metrics.latency("Step")
         self._stream_latency = metrics.latency("StreamSteps")
 
@@ -90,7 +102,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         h0 = to_array(request.h0, "h0") if request.HasField("h0") else None
         c0 = to_array(request.c0, "c0") if request.HasField("c0") else None
         if x.size > _INLINE_PREDICT_VALUES:
-            out = await asyncio.to_thread(m.ort.predict, x, h0, c0)
+            out = await self._predict_in_thread(m, x, h0, c0, deadline_of(context))
         else:
             out = m.ort.predict(x, h0, c0)
         reply = pb.PredictResponse(model=m.name, version=m.version, y=from_array(out["y"]),
@@ -98,6 +110,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if "cn" in out:
             reply.cn.CopyFrom(from_array(out["cn"]))
         return reply
+
+    async def _predict_in_thread(self, m, x, h0, c0, deadline):
+        """A big Predict in a worker thread, bounded per model (refused, not queued)."""
+        busy = self._predicting.get(m.name, 0)
+        if busy >= self.max_predict_inflight:
+            raise errors.ResourceExhausted(
+                f"model {m.name!r} has {busy} Predict calls running, the limit "
+                f"(--max-predict-inflight); retry with backoff")
+        if self.sessions.closing:
+            raise errors.Unavailable("server is shutting down")
+        if deadline is not None and time.monotonic() > deadline:
+            raise errors.DeadlineExceeded("the caller's deadline passed before Predict could run")
+        self._predicting[m.name] = busy + 1
+        try:
+            return await asyncio.to_thread(m.ort.predict, x, h0, c0)
+        finally:
+            self._predicting[m.name] -= 1
 
     async def _predict_text(self, m, request):
         if request.HasField("x"):
@@ -141,7 +170,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         model, version, seq, x, start, end, checked = self._step_x(request)
         y, pos = await self.sessions.step_with_position(
             model, version, seq, x, start=start, end=end, tenant=tenant_of(context),
-            checked=checked)
+            checked=checked, expect=expected_of(request), deadline=deadline_of(context))
         reply = pb.StepResponse(position=pos)
         reply.y.shape[:] = y.shape
         reply.y.float_data[:] = y.ravel().tolist()
@@ -165,7 +194,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     model, version, seq, x, start, end, checked = self._step_x(steps[0])
                     y, pos = await sessions.step_with_position(
                         model, version, seq, x, start=start, end=end, tenant=tenant,
-                        checked=checked)
+                        checked=checked, expect=expected_of(steps[0]))
                     reply = pb.StreamStepsResponse()
                     r = reply.results.add(position=pos)
                     r.y.shape[:] = y.shape
@@ -193,7 +222,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return None
         tokens = m.info.input_kind == "tokens"
         F = 1 if tokens else m.info.input_features
-        vals, ids, starts, ends = [], [], [], []
+        vals, ids, starts, ends, expects = [], [], [], [], []
         for s in steps:
             if s.model != model or s.version != version or s.text:
                 return None
@@ -208,19 +237,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ids.append(getattr(s, which) if which else None)
             starts.append(s.start)
             ends.append(s.end)
+            expects.append(s.expected_position if s.HasField("expected_position") else -1)
         if tokens:
             x = np.array(vals, np.int64)  # (B,)
         else:
             x = np.array(vals, np.float32).reshape(len(steps), F)  # (B, F)
-        return m.name, version or None, ids, x, starts, ends
+        if not any(e >= 0 for e in expects):
+            expects = None
+        return m.name, version or None, ids, x, starts, ends, expects
 
     async def _step_many(self, steps, tenant):
         rows = self._gather_rows(steps)
         if rows is not None:
-            model, version, ids, x, starts, ends = rows
+            model, version, ids, x, starts, ends, expects = rows
             try:
                 y, positions, errs = await self.sessions.step_batch(model, version, ids, x,
-                                                                    starts, ends, tenant)
+                                                                    starts, ends, tenant, expects)
             except Exception as exc:  # noqa: BLE001 - e.g. shutting down: every row gets it
                 return pb.StreamStepsResponse(results=[_error_result(exc)] * len(steps))
             shape = [1, y.shape[1]]
@@ -229,7 +261,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             add = reply.results.add
             for i, e in enumerate(errs):  # filling in place: ~2x faster than nested constructors
                 if e is not None:
-                    add().CopyFrom(_error_result(e))
+                    add().CopyFrom(_error_result(e, ps[i]))
                     continue
                 r = add(position=ps[i])
                 r.y.shape[:] = shape
@@ -243,7 +275,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             except Exception as exc:  # noqa: BLE001
                 results[i] = _error_result(exc)
                 continue
-            requests.append((model, version, seq, x, start, end, tenant))
+            requests.append((model, version, seq, x, start, end, tenant, expected_of(s)))
             index.append(i)
         if requests:
             try:
@@ -283,8 +315,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             ends = list(b.end) or [False] * B
             if len(starts) != B or len(ends) != B:
                 raise InvalidArgument(f"batch start/end need one flag per session ({B})")
+            expects = list(b.expected_positions) or None
             y, positions, errs = await self.sessions.step_batch(
-                m.name, b.version or None, ids, x, starts, ends, tenant)
+                m.name, b.version or None, ids, x, starts, ends, tenant, expects)
         except Exception as exc:  # noqa: BLE001 - the whole batch is refused, the stream lives
             code, message = errors.classify(exc, "StreamSteps")
             metrics.observe_request("StreamSteps.batch", code)
@@ -339,7 +372,8 @@ def _one_float_step(s: pb.StepRequest, info) -> np.ndarray | None:
     return np.array(data, np.float32).reshape(1, F)
 
 
-def _error_result(exc: BaseException) -> pb.StepResponse:
+def _error_result(exc: BaseException, position: int = 0) -> pb.StepResponse:
     code, message = errors.classify(exc, "StreamSteps")
     metrics.observe_request("StreamSteps.step", code)
-    return pb.StepResponse(code=errors.status_number(code), error=message)
+    return pb.StepResponse(code=errors.status_number(code), error=message,
+                           position=getattr(exc, "position", position))

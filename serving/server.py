@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 from serving import metrics
+from serving.auth import AuthInterceptor, TokenTable
 from serving.native import SERVICE, InferenceServicer
 from serving.runtime import snapshot
 from serving.runtime.registry import Registry
@@ -45,6 +46,17 @@ def model_health_name(model: str) -> str:
     return f"{SERVICE}/{model}"
 
 
+def server_credentials(s: Settings) -> grpc.ServerCredentials:
+    """TLS from --tls-cert/--tls-key; client certificates required with --tls-client-ca."""
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    ca = read(s.tls_client_ca) if s.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(s.tls_key), read(s.tls_cert))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
 def _plugins() -> list:
     """Optional protocol modules that add themselves to the server."""
     found = []
@@ -63,7 +75,8 @@ class Server:
         self.registry = Registry(repo=settings.repo)
         self.sessions = SessionManager(
             self.registry, max_sessions=settings.max_sessions, idle_s=settings.session_idle_s,
-            max_steps=settings.max_steps_per_request, observer=metrics.SessionObserver())
+            max_steps=settings.max_steps_per_request, observer=metrics.SessionObserver(),
+            max_per_tenant=settings.max_sessions_per_tenant, max_queue=settings.max_queue)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.port = 0
@@ -81,9 +94,13 @@ class Server:
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        self.grpc = grpc.aio.server(options=opts)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.sessions),
-                                                self.grpc)
+        interceptors = []
+        if s.auth_tokens:
+            interceptors.append(AuthInterceptor(TokenTable(s.auth_tokens)))
+        self.grpc = grpc.aio.server(options=opts, interceptors=interceptors,
+                                    maximum_concurrent_rpcs=s.max_concurrent_rpcs or None)
+        pb_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.registry, self.sessions, s.max_predict_inflight), self.grpc)
         pool = None
         for plugin in _plugins():
             added = plugin.add_to_server(self.grpc, self.registry, self.sessions)
@@ -95,7 +112,11 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             self.services + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc, pool=pool)
-        self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert:
+            self.port = self.grpc.add_secure_port(address, server_credentials(s))
+        else:
+            self.port = self.grpc.add_insecure_port(address)
         if not self.port:
             raise OSError(f"cannot bind {s.host}:{s.port}")
         for name in ["", *self.services]:

@@ -31,10 +31,26 @@ class Settings:
     """A session with no step for this long is freed."""
     max_sessions: int = 200_000
     """Live sessions per model; further starts get RESOURCE_EXHAUSTED."""
+    max_sessions_per_tenant: int = 0
+    """Live sessions per tenant over every model (0: no quota); further starts get RESOURCE_EXHAUSTED."""
+    max_queue: int = 10_000
+    """Steps queued per model waiting to run; beyond it new work gets RESOURCE_EXHAUSTED at once."""
+    max_concurrent_rpcs: int = 0
+    """RPCs (a stream counts as one) the server runs at once; more get RESOURCE_EXHAUSTED (0: no limit)."""
+    max_predict_inflight: int = 64
+    """Predict calls per model running at once; more get RESOURCE_EXHAUSTED."""
     max_steps_per_request: int = 4096
     """Most steps one request may carry (chunk length, rollout length, steps per stream message)."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted or sent."""
+    auth_tokens: str = ""
+    """JSON file {"TOKEN": "TENANT"}: require bearer tokens, sessions per tenant ("" disables)."""
+    tls_cert: str = ""
+    """PEM server certificate chain: serve TLS on the gRPC port (with --tls-key)."""
+    tls_key: str = ""
+    """PEM private key of --tls-cert."""
+    tls_client_ca: str = ""
+    """PEM CA bundle: require client certificates signed by it (mutual TLS)."""
     device: str = "auto"
     """Streaming cell device: auto | cpu | cuda."""
     models: list = field(default_factory=list)
@@ -47,9 +63,25 @@ class Settings:
     def validate(self) -> "Settings":
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("max_sessions", "max_steps_per_request", "max_message_bytes"):
+        for name in ("max_sessions", "max_steps_per_request", "max_message_bytes", "max_queue",
+                     "max_predict_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("max_sessions_per_tenant", "max_concurrent_rpcs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 (no limit) or positive")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        if self.auth_tokens:
+            from serving.auth import check_token_file
+
+            check_token_file(self.auth_tokens)
         if self.session_idle_s <= 0:
             raise ValueError("--session-idle-s must be positive")
         self.pins()  # raises on a malformed NAME:VERSION

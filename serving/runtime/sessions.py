@@ -36,7 +36,8 @@ import time
 
 import numpy as np
 
-from serving.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from serving.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument,
+                            PositionMismatch, ResourceExhausted, Unavailable)
 from serving.runtime.inputs import bad_rows, check_steps
 from serving.runtime.inputs import bad_row_message as _bad_row_message
 from serving.runtime.registry import LoadedModel, Registry
@@ -67,26 +68,35 @@ def key_parts(key) -> tuple[str, int | str]:
 
 
 class _Call:
-    """One caller waiting for the results of its items (one or many)."""
+    """One caller waiting for the results of its items (one or many).
 
-    __slots__ = ("future", "left", "results")
+    deadline: time.monotonic() after which the caller has given up (None:
+    no deadline); work still queued then is dropped, never run.
+    """
 
-    def __init__(self, future, n):
+    __slots__ = ("future", "left", "results", "deadline")
+
+    def __init__(self, future, n, deadline=None):
         self.future = future
         self.left = n
         self.results = [None] * n
+        self.deadline = deadline
 
 
 class _Item:
     """One unit of queued work for one session slot.
 
     x: steps to run ((1, F) / (1,) go to the batched single-step path);
-    fn: instead of steps, a callable fn(model_sessions, slot) run in order.
+    fn: instead of steps, a callable fn(model_sessions, slot) run in order;
+    expect: the position the caller expects the session at (-1: any);
+    start: the request's start flag; created: admission allocated the slot.
     """
 
-    __slots__ = ("slot", "x", "fn", "restart", "free", "call", "index")
+    __slots__ = ("slot", "x", "fn", "restart", "free", "call", "index", "expect", "start",
+                 "created", "key")
 
-    def __init__(self, slot, x, fn, restart, free, call, index):
+    def __init__(self, slot, x, fn, restart, free, call, index, expect=-1, start=False,
+                 created=False, key=None):
         self.slot = slot
         self.x = x
         self.fn = fn
@@ -94,13 +104,18 @@ class _Item:
         self.free = free
         self.call = call
         self.index = index
+        self.expect = expect
+        self.start = start
+        self.created = created
+        self.key = key
 
 
 class ModelSessions:
     """The sessions of one model: key -> slot, plus per-slot bookkeeping arrays."""
 
-    def __init__(self, model: LoadedModel, max_sessions: int):
+    def __init__(self, model: LoadedModel, max_sessions: int, tenants=None):
         self.model = model
+        self.tenants = tenants  # optional TenantQuota shared by every model
         self.info = model.info
         self.cell = model.require_cell()
         self.max_sessions = max_sessions
@@ -112,6 +127,13 @@ class ModelSessions:
         self.position = np.zeros(cap, np.int64)
         self.last_used = np.zeros(cap, np.float64)
         self.last_y = np.zeros((cap, self.info.output_size), np.float32)
+        # Exactly-once: what the last applied step of each slot was asked as
+        # (expected position, length, start flag), so an identical retry gets
+        # the stored answer (last_y, or chunk_y for chunks) instead of a rerun.
+        self.ans_expect = np.full(cap, -1, np.int64)
+        self.ans_len = np.zeros(cap, np.int32)
+        self.ans_start = np.zeros(cap, np.bool_)
+        self.chunk_y: dict[int, np.ndarray] = {}  # slot -> (T, out) of its last chunk
         self.pending: list[_Item] = []
         self.scheduled = False
         self.last_arrival = 0.0
@@ -139,6 +161,9 @@ class ModelSessions:
         self.last_used = np.concatenate([self.last_used, np.zeros(new - old, np.float64)])
         self.last_y = np.concatenate(
             [self.last_y, np.zeros((new - old, self.info.output_size), np.float32)])
+        self.ans_expect = np.concatenate([self.ans_expect, np.full(new - old, -1, np.int64)])
+        self.ans_len = np.concatenate([self.ans_len, np.zeros(new - old, np.int32)])
+        self.ans_start = np.concatenate([self.ans_start, np.zeros(new - old, np.bool_)])
         log.info("model %s: session capacity %d -> %d", self.info.name, old, new)
 
     def allocate(self, key) -> int:
@@ -146,6 +171,8 @@ class ModelSessions:
             raise ResourceExhausted(
                 f"model {self.info.name!r} has {len(self.table)} live sessions, the limit "
                 f"(--max-sessions); end sessions or wait for idle ones to expire")
+        if self.tenants is not None:
+            self.tenants.take(key)  # ResourceExhausted over the tenant's quota
         if not self.free:
             self._grow()
         slot = self.free.pop()
@@ -154,24 +181,90 @@ class ModelSessions:
         self.cell.reset(slot)
         self.position[slot] = 0
         self.last_y[slot] = 0.0
+        self.ans_expect[slot] = -1
         self.table[key] = slot
         self.keys[slot] = key
         return slot
 
     def release(self, slot: int) -> None:
+        if self.tenants is not None and self.keys[slot] is not None:
+            self.tenants.give(self.keys[slot])
         self.keys[slot] = None
+        self.chunk_y.pop(slot, None)
         self.free.append(slot)
+
+    def replay(self, slot: int, expect: int, steps: int, start: bool):
+        """Exactly-once check of a step that expects the session at `expect`.
+
+        -> None: apply it; (y, position): it is a retry of the step applied
+        last, answered from storage; PositionMismatch: the session is elsewhere.
+        """
+        if (self.ans_expect[slot] == expect and self.ans_len[slot] == steps
+                and bool(self.ans_start[slot]) == bool(start)):
+            y = self.chunk_y.get(slot) if steps > 1 else self.last_y[slot][None].copy()
+            if y is not None:
+                return y, int(self.position[slot])
+        pos = int(self.position[slot])
+        if pos != expect:
+            return position_mismatch(self.keys[slot], pos, expect)
+        return None
+
+    def answered(self, slot: int, expect: int, steps: int, start: bool, y=None) -> None:
+        """Remember how the step just applied to `slot` was asked (see replay)."""
+        self.ans_expect[slot] = expect
+        self.ans_len[slot] = steps
+        self.ans_start[slot] = start
+        if steps > 1 and expect >= 0:
+            self.chunk_y[slot] = y
+        elif self.chunk_y:
+            self.chunk_y.pop(slot, None)
 
     def live_slots(self) -> np.ndarray:
         return np.fromiter(self.table.values(), np.int64, len(self.table))
+
+
+def position_mismatch(key, position: int, expect: int) -> PositionMismatch:
+    sid = key_parts(key)[1]
+    return PositionMismatch(
+        f"session {sid!r} is at position {position}, not {expect}: a step was lost or applied "
+        f"already; resend from step {position} (the position is also in trailing metadata "
+        f"'seqserve-position')", position)
+
+
+class TenantQuota:
+    """Live sessions per tenant, over every model; at `limit` a new start is refused."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.live: dict[str, int] = {}
+
+    def take(self, key) -> None:
+        tenant = key_parts(key)[0]
+        n = self.live.get(tenant, 0)
+        if self.limit and n >= self.limit:
+            raise ResourceExhausted(
+                f"tenant has {n} live sessions, its quota (--max-sessions-per-tenant); end "
+                f"sessions or wait for idle ones to expire")
+        self.live[tenant] = n + 1
+
+    def give(self, key) -> None:
+        tenant = key_parts(key)[0]
+        n = self.live.get(tenant, 0) - 1
+        if n > 0:
+            self.live[tenant] = n
+        else:
+            self.live.pop(tenant, None)
 
 
 class SessionManager:
     """All models' sessions; every protocol's stateful calls go through here."""
 
     def __init__(self, registry: Registry, *, max_sessions: int = 200_000,
-                 idle_s: float = 300.0, max_steps: int = 4096, observer=None):
+                 idle_s: float = 300.0, max_steps: int = 4096, observer=None,
+                 max_per_tenant: int = 0, max_queue: int = 10_000):
         self.registry = registry
+        self.tenants = TenantQuota(max_per_tenant)
+        self.max_queue = max_queue  # queued steps per model before new work is refused
         self.max_sessions = max_sessions
         self.idle_s = idle_s
         self.max_steps = max_steps
@@ -184,7 +277,7 @@ class SessionManager:
         """Pick up the registry's models (call after it has loaded)."""
         for m in self.registry:
             if m.cell is not None and m.name not in self.models:
-                self.models[m.name] = ModelSessions(m, self.max_sessions)
+                self.models[m.name] = ModelSessions(m, self.max_sessions, self.tenants)
 
     # ---- lookup -------------------------------------------------------------
 
@@ -215,18 +308,30 @@ class SessionManager:
 
     # ---- admission (runs at arrival, in arrival order) ------------------------
 
-    def _admit(self, ms: ModelSessions, sequence_id, x, start, end, tenant, call, index,
-               checked=False):
+    def _check_room(self, ms: ModelSessions, call=None) -> None:
         if self.closing:
             raise Unavailable("server is shutting down; retry on another replica or after restart")
+        if len(ms.pending) >= self.max_queue:
+            raise ResourceExhausted(
+                f"model {ms.info.name!r} has {len(ms.pending)} steps queued, the limit "
+                f"(--max-queue); retry with backoff")
+        if call is not None and call.deadline is not None and time.monotonic() > call.deadline:
+            raise DeadlineExceeded("the caller's deadline passed before the step could run")
+
+    def _admit(self, ms: ModelSessions, sequence_id, x, start, end, tenant, call, index,
+               checked=False, expect=-1):
+        self._check_room(ms, call)
         if not checked:
             x = check_steps(ms.info, x, self.max_steps)
         key = session_key(sequence_id, tenant)
         slot = ms.table.get(key)
-        restart = False
+        restart = created = False
         if start:
             if slot is None:
+                if expect > 0:  # nothing to create at a later position: resynchronise from 0
+                    raise position_mismatch(key, 0, expect)
                 slot = ms.allocate(key)
+                created = True
             else:
                 restart = True
         elif slot is None:
@@ -235,7 +340,7 @@ class SessionManager:
             del ms.table[key]  # the slot itself is released after this step runs
         now = time.monotonic()
         ms.last_used[slot] = now
-        item = _Item(slot, x, None, restart, end, call, index)
+        item = _Item(slot, x, None, restart, end, call, index, expect, start, created, key)
         if not ms.batching and now >= ms.next_probe:
             ms.batching = True  # probe again: load may have changed
         quiet = not ms.pending and (not ms.batching or now - ms.last_arrival > BATCH_WINDOW_S)
@@ -260,16 +365,22 @@ class SessionManager:
                                               start=start, end=end, tenant=tenant))[0]
 
     async def step_with_position(self, model, version, sequence_id, x, *, start=False,
-                                 end=False, tenant="", checked=False) -> tuple[np.ndarray, int]:
+                                 end=False, tenant="", checked=False, expect=None,
+                                 deadline=None) -> tuple[np.ndarray, int]:
         """Like step(), also returning the session's position after the step.
 
         checked=True: the caller guarantees x is already (1, F) float32 with
         finite values of this model (a protocol's fast path); nothing is re-checked.
+        expect: the position (steps taken) the caller believes the session is
+        at; a retry of the step applied last returns its stored answer, any
+        other mismatch raises PositionMismatch (ABORTED) with the real position.
+        deadline: time.monotonic() after which the caller has gone.
         """
         ms = self.model_sessions(model, version)
         # Try inline first: a call without a future runs at once when quiet.
-        call = _Call(None, 1)
-        self._admit(ms, sequence_id, x, start, end, tenant, call, 0, checked)
+        call = _Call(None, 1, deadline)
+        self._admit(ms, sequence_id, x, start, end, tenant, call, 0, checked,
+                    -1 if expect is None else int(expect))
         if call.left:  # it was queued: wait for the flush
             call.future = asyncio.get_running_loop().create_future()
             await call.future
@@ -278,10 +389,10 @@ class SessionManager:
             raise res
         return res
 
-    async def step_many(self, requests) -> list:
+    async def step_many(self, requests, deadline=None) -> list:
         """Steps for many sessions at once (a multiplexed stream message).
 
-        requests: iterable of (model, version, sequence_id, x, start, end, tenant).
+        requests: iterable of (model, version, sequence_id, x, start, end, tenant[, expect]).
         Returns, in order, (y, position) per request or the ServingError that
         refused it: one bad request does not affect the others.
         """
@@ -289,12 +400,13 @@ class SessionManager:
         if len(requests) > self.max_steps:
             raise InvalidArgument(f"{len(requests)} steps in one message; at most "
                                   f"{self.max_steps} (--max-steps-per-request)")
-        call = _Call(asyncio.get_running_loop().create_future(), len(requests))
+        call = _Call(asyncio.get_running_loop().create_future(), len(requests), deadline)
         admitted = 0
-        for i, (model, version, sequence_id, x, start, end, tenant) in enumerate(requests):
+        for i, (model, version, sequence_id, x, start, end, tenant, *more) in enumerate(requests):
             try:
                 ms = self.model_sessions(model, version)
-                self._admit(ms, sequence_id, x, start, end, tenant, call, i)
+                expect = more[0] if more and more[0] is not None else -1
+                self._admit(ms, sequence_id, x, start, end, tenant, call, i, False, expect)
                 admitted += 1
             except Exception as exc:  # noqa: BLE001 - reported per request
                 call.results[i] = exc
@@ -306,25 +418,32 @@ class SessionManager:
         return call.results
 
     async def step_batch(self, model: str, version: int | None, sequence_ids: list,
-                         x: np.ndarray, starts: list, ends: list, tenant: str = ""):
+                         x: np.ndarray, starts: list, ends: list, tenant: str = "",
+                         expects=None, deadline=None):
         """One step for each of B distinct sessions of one model, as one cell call.
 
         x: (B, F) float32 | (B,) int64. Returns (y (B, out), positions (B,),
         errors): errors[i] is the ServingError that refused row i (its y row
         is zeros) or None. One bad row does not affect the others.
+        expects: None, or per row the position the session is expected at
+        (-1: any); see step_with_position. A refused row's position is its
+        session's actual position when the refusal was a position mismatch.
         """
-        if self.closing:
-            raise Unavailable("server is shutting down; retry on another replica or after restart")
         ms = self.model_sessions(model, version)
+        self._check_room(ms, _Call(None, 0, deadline))
         B = len(sequence_ids)
         if B > self.max_steps:
             raise InvalidArgument(
                 f"{B} sessions in one message; at most {self.max_steps} (--max-steps-per-request)")
+        if expects is not None and len(expects) != B:
+            raise InvalidArgument(f"batch expected_positions need one entry per session ({B})")
         errors: list = [None] * B
         for i in bad_rows(ms.info, x, B):
             errors[i] = InvalidArgument(_bad_row_message(ms.info, x[i]))
         slots = np.zeros(B, np.int64)
-        restarts, frees, seen = [], [], set()
+        positions = np.zeros(B, np.int64)
+        y = np.zeros((B, ms.info.output_size), np.float32)
+        restarts, frees, seen, created = set(), set(), set(), set()
         now = time.monotonic()
         table = ms.table
         for i, sid in enumerate(sequence_ids):
@@ -337,42 +456,64 @@ class SessionManager:
                         f"session {sid!r} appears twice in one message: send several steps of one "
                         f"session as a chunk (x of shape (T, F)) or in separate messages")
                 slot = table.get(key)
+                e = -1 if expects is None else int(expects[i])
                 if starts[i]:
                     if slot is None:
+                        if e > 0:
+                            raise position_mismatch(key, 0, e)
                         slot = ms.allocate(key)
+                        created.add(slot)
                     else:
-                        restarts.append(slot)
+                        restarts.add(slot)
                 elif slot is None:
                     self._slot(ms, key, sid)
+                if e >= 0 and slot not in created:
+                    res = ms.replay(slot, e, 1, starts[i])
+                    if isinstance(res, BaseException):
+                        restarts.discard(slot)
+                        positions[i] = res.position
+                        raise res
+                    if res is not None:  # a retry: the stored answer, nothing runs
+                        restarts.discard(slot)
+                        y[i] = res[0][0]
+                        positions[i] = res[1]
+                        if ends[i]:
+                            del table[key]
+                            ms.release(slot)
+                        seen.add(key)
+                        errors[i] = False  # answered (not an error, not to be run)
+                        continue
             except Exception as exc:  # noqa: BLE001 - reported for this row only
                 errors[i] = exc
                 continue
             seen.add(key)
             if ends[i]:
                 del table[key]
-                frees.append(slot)
+                frees.add(slot)
             slots[i] = slot
         ok = [i for i in range(B) if errors[i] is None]
-        y = np.zeros((B, ms.info.output_size), np.float32)
+        for i in range(B):
+            if errors[i] is False:
+                errors[i] = None
         if not ok:
-            return y, np.zeros(B, np.int64), errors
+            return y, positions, errors
         ms.last_used[slots[ok]] = now
         ms.last_arrival = now
         if ms.pending:  # queued work first, in order: go through the queue row by row
             # bookkeeping (start/end) is done above; only the steps remain
-            call = _Call(asyncio.get_running_loop().create_future(), len(ok))
-            restart_set = set(restarts)
-            free_set = set(frees)
+            call = _Call(asyncio.get_running_loop().create_future(), len(ok), deadline)
             for j, i in enumerate(ok):
                 slot = int(slots[i])
-                self._enqueue(ms, _Item(slot, x[i:i + 1], None, slot in restart_set,
-                                        slot in free_set, call, j))
+                e = -1 if expects is None else int(expects[i])
+                self._enqueue(ms, _Item(slot, x[i:i + 1], None, slot in restarts, slot in frees,
+                                        call, j, e, bool(starts[i]), slot in created,
+                                        ms.keys[slot]))
             await call.future
-            positions = np.zeros(B, np.int64)
             for j, i in enumerate(ok):
                 res = call.results[j]
                 if isinstance(res, BaseException):
                     errors[i] = res
+                    positions[i] = getattr(res, "position", 0)
                 else:
                     y[i] = res[0][0]
                     positions[i] = res[1]
@@ -385,21 +526,25 @@ class SessionManager:
         out = ms.cell.step(x[ok] if len(ok) < B else x, sel)  # (n, out)
         ms.position[sel] += 1
         ms.last_y[sel] = out
+        if expects is None:
+            ms.ans_expect[sel] = -1
+        else:
+            ms.ans_expect[sel] = np.asarray(expects, np.int64)[ok]
+            ms.ans_len[sel] = 1
+            ms.ans_start[sel] = np.asarray(starts, np.bool_)[ok]
         for slot in frees:
             ms.release(slot)
         if self.observer is not None:
             self.observer.batch(ms.info.name, len(ok))
-        if len(ok) < B:
-            y[ok] = out
-        else:
-            y = out
-        positions = np.zeros(B, np.int64)
+        y[ok] = out
         positions[ok] = ms.position[sel]
         return y, positions, errors
 
     async def end(self, model: str, version: int | None, sequence_id, tenant: str = "") -> int:
         """Free a session after its queued steps; returns the steps it had taken."""
         ms = self.model_sessions(model, version)
+        if len(ms.pending) >= self.max_queue:
+            self._check_room(ms)
         key = session_key(sequence_id, tenant)
         slot = self._slot(ms, key, sequence_id)
         del ms.table[key]
@@ -486,11 +631,23 @@ class SessionManager:
     def _run_round(self, ms: ModelSessions, items: list[_Item]) -> None:
         singles = []
         for it in items:
-            fut = it.call.future
+            call = it.call
+            fut = call.future
             if fut is not None and fut.done():  # caller gone (cancelled): drop before it runs
-                if it.free:
-                    ms.release(it.slot)
+                self._undo(ms, it)
                 continue
+            if call.deadline is not None and time.monotonic() > call.deadline:
+                self._undo(ms, it)
+                self._done(ms, it, DeadlineExceeded(
+                    "the caller's deadline passed while the step was queued; it was not applied"))
+                continue
+            if it.expect >= 0 and not it.created:
+                res = ms.replay(it.slot, it.expect, 1 if it.x is None else it.x.shape[0], it.start)
+                if res is not None:  # a stored answer, or a mismatch: nothing runs
+                    if isinstance(res, BaseException):
+                        self._undo(ms, it)
+                    self._done(ms, it, res)
+                    continue
             if it.restart:
                 ms.cell.reset(it.slot)
                 ms.position[it.slot] = 0
@@ -505,6 +662,7 @@ class SessionManager:
                     y = ms.cell.step_chunk(it.x[None], np.array([it.slot], np.int64))[0]  # (T, out)
                     ms.position[it.slot] += it.x.shape[0]
                     ms.last_y[it.slot] = y[-1]
+                    ms.answered(it.slot, it.expect, it.x.shape[0], it.start, y)
                     res = (y, int(ms.position[it.slot]))
             except Exception as exc:  # noqa: BLE001 - goes to that caller only
                 res = exc
@@ -526,6 +684,10 @@ class SessionManager:
             pos = int(ms.position[slot]) + 1
             ms.position[slot] = pos
             ms.last_y[slot] = y[0]
+            ms.ans_expect[slot] = it.expect
+            if it.expect >= 0:
+                ms.ans_len[slot] = 1
+                ms.ans_start[slot] = it.start
             if self.observer is not None:
                 self.observer.batch(ms.info.name, 1)
             self._done(ms, it, (y, pos))
@@ -542,11 +704,34 @@ class SessionManager:
             return
         ms.position[slots] += 1
         ms.last_y[slots] = y
+        ms.ans_expect[slots] = np.fromiter((it.expect for it in items), np.int64, n)
+        ms.ans_len[slots] = 1
+        ms.ans_start[slots] = np.fromiter((it.start for it in items), np.bool_, n)
         if self.observer is not None:
             self.observer.batch(ms.info.name, n)
         pos = ms.position
         for i, it in enumerate(items):
             self._done(ms, it, (y[i:i + 1], int(pos[it.slot])))
+
+    @staticmethod
+    def _undo(ms: ModelSessions, it: _Item) -> None:
+        """Admission bookkeeping of an item that will not run: nothing half-applied.
+
+        An end that did not run leaves the session live; a session this item
+        created is freed again (it never took its first step).
+        """
+        key = it.key
+        if it.created:
+            if key is not None and ms.table.get(key) == it.slot:
+                del ms.table[key]
+            if ms.keys[it.slot] is not None:
+                ms.release(it.slot)
+        elif it.free:
+            if key is not None and key not in ms.table and ms.keys[it.slot] == key:
+                ms.table[key] = it.slot
+            else:
+                ms.release(it.slot)
+        it.free = False
 
     @staticmethod
     def _done(ms: ModelSessions, it: _Item, res) -> None:
@@ -617,6 +802,7 @@ def _closed_loop(ms: ModelSessions, src: int, steps: int, first, commit: bool, l
             cell.copy(tmp, src)
             ms.position[src] += steps
             ms.last_y[src] = out[-1]
+            ms.ans_expect[src] = -1
     finally:
         ms.free.append(tmp)
     return out, int(ms.position[src])

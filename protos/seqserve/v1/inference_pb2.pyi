@@ -129,7 +129,7 @@ class PredictResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., y: _Optional[_Union[Tensor, _Mapping]] = ..., hn: _Optional[_Union[Tensor, _Mapping]] = ..., cn: _Optional[_Union[Tensor, _Mapping]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("model", "version", "sequence_id", "sequence_key", "x", "start", "end", "text")
+    __slots__ = ("model", "version", "sequence_id", "sequence_key", "x", "start", "end", "text", "expected_position")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,7 @@ class StepRequest(_message.Message):
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sequence_id: int
@@ -146,7 +147,8 @@ class StepRequest(_message.Message):
     start: bool
     end: bool
     text: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_id: _Optional[int] = ..., sequence_key: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., end: _Optional[bool] = ..., text: _Optional[str] = ...) -> None: ...
+    expected_position: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_id: _Optional[int] = ..., sequence_key: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., end: _Optional[bool] = ..., text: _Optional[str] = ..., expected_position: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("y", "position", "code", "error")
@@ -177,7 +179,7 @@ class StreamStepsResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ..., batch: _Optional[_Union[SessionBatchResult, _Mapping]] = ...) -> None: ...
 
 class SessionBatch(_message.Message):
-    __slots__ = ("model", "version", "sequence_ids", "sequence_keys", "x", "start", "end")
+    __slots__ = ("model", "version", "sequence_ids", "sequence_keys", "x", "start", "end", "expected_positions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +187,7 @@ class SessionBatch(_message.Message):
     X_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sequence_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -192,7 +195,8 @@ class SessionBatch(_message.Message):
     x: Tensor
     start: _containers.RepeatedScalarFieldContainer[bool]
     end: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_ids: _Optional[_Iterable[int]] = ..., sequence_keys: _Optional[_Iterable[str]] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[_Iterable[bool]] = ..., end: _Optional[_Iterable[bool]] = ...) -> None: ...
+    expected_positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_ids: _Optional[_Iterable[int]] = ..., sequence_keys: _Optional[_Iterable[str]] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[_Iterable[bool]] = ..., end: _Optional[_Iterable[bool]] = ..., expected_positions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionBatchResult(_message.Message):
     __slots__ = ("y", "positions", "codes", "errors")
