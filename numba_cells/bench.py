@@ -13,6 +13,11 @@ calls, and report the median per call (`step_us`) and session-steps per second
   torch          PyTorch eager nn.LSTM + head, T=1, inference_mode
   numba-cuda, ort-cuda, torch-cuda   the same on a GPU, when there is one
 
+All engines run on one core by default (--threads 1): the Numba cell is
+single-threaded, and on a shared machine torch's default thread pool can spin
+against other processes (we saw a batch-1 torch step take 76 ms with 2
+threads on 2 loaded cores). --threads 0 gives each library its default.
+
 torch is imported lazily: only the torch engines and the export need it.
 """
 from __future__ import annotations
@@ -72,7 +77,7 @@ def numba_engine(path, B, device):
     return lambda: cell.step(x, slots)
 
 
-THREADS = [0]  # intra-op threads for ORT and torch; 0 = each library's default (all cores)
+THREADS = [1]  # intra-op threads for ORT and torch (set by --threads)
 
 
 def _ort_session(path, cuda):
@@ -198,9 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,64,1024", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=2000, help="most timed calls per engine and batch")
     p.add_argument("--seconds", type=float, default=2.0, help="time budget per engine and batch")
-    p.add_argument("--threads", type=int, default=0,
-                   help="intra-op threads for ONNX Runtime and torch (0: their default, all cores); "
-                        "the Numba cell runs on one thread")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads for ONNX Runtime and torch (default 1, like the Numba "
+                        "cell; 0: each library's default, all cores)")
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU engines even with a GPU")
     args = p.parse_args(argv)
     try:
