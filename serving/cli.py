@@ -75,6 +75,31 @@ def _fail(cmd: str, exc) -> int:
     return 1
 
 
+# ---- connection flags (predict, stream) --------------------------------------------------
+
+def add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (env SEQSERVE_TARGET)")
+    p.add_argument("--token", default=os.environ.get("SEQSERVE_TOKEN") or None,
+                   help="bearer token for a server with --auth-tokens (env SEQSERVE_TOKEN)")
+    p.add_argument("--tls-ca", default=None,
+                   help="PEM CA that signed the server certificate: connect with TLS")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    p.add_argument("--server-name", default=None,
+                   help="name to check the server certificate against (default: the target host)")
+
+
+def connect(a, timeout: float | None = 30.0):
+    from serving.client import Client
+
+    for flag in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(a, flag)
+        if path and not os.path.isfile(path):
+            raise ValueError(f"--{flag.replace('_', '-')} {path}: no such file")
+    return Client(a.target, timeout=timeout, token=a.token, tls_ca=a.tls_ca, tls_cert=a.tls_cert,
+                  tls_key=a.tls_key, server_name=a.server_name)
+
+
 # ---- predict ---------------------------------------------------------------------------
 
 def _read_sequences(path: str, meta) -> np.ndarray:
@@ -120,7 +145,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--input", help="a .csv (one sequence, a row per step) or .npy file")
     p.add_argument("--text", action="append", help="raw text for a text model (repeatable)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (env SEQSERVE_TARGET)")
+    add_connection_flags(p)
     p.add_argument("--top-k", type=int, default=3, help="labels / words to show")
     p.add_argument("--all-steps", action="store_true", help="print every step, not just the last")
     a = p.parse_args(argv)
@@ -128,10 +153,8 @@ def predict_main(argv: list[str] | None = None) -> int:
         raise ValueError("give exactly one of --input FILE or --text TEXT")
     import grpc
 
-    from serving.client import Client
-
     try:
-        with Client(a.target) as client:
+        with connect(a) as client:
             meta = client.metadata(a.model)
             if a.text:
                 out = client.predict(a.model, text=a.text)
@@ -160,20 +183,20 @@ def stream_main(argv: list[str] | None = None) -> int:
         description="Read one step per stdin line and print each step's output as it comes.")
     p.add_argument("--model", required=True)
     p.add_argument("--sequence", default=None, help="session id (default: one per process)")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (env SEQSERVE_TARGET)")
+    add_connection_flags(p)
     p.add_argument("--top-k", type=int, default=3, help="next words / labels to show")
     p.add_argument("--keep", action="store_true", help="do not end the session at end of input")
     a = p.parse_args(argv)
     import grpc
 
-    from serving.client import Client, StepError
+    from serving.client import StepError
 
     sequence = a.sequence or f"cli-{os.getpid()}"
     if sequence.isdigit():
         sequence = int(sequence)
     started = False
     try:
-        with Client(a.target, timeout=None) as client:
+        with connect(a, timeout=None) as client:
             meta = client.metadata(a.model)
             if not meta.can_stream:
                 raise ValueError(f"model {a.model!r} cannot stream (bidirectional): use predict")

@@ -179,9 +179,8 @@ class Client:
                                                tls_key=tls_key, server_name=server_name)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
-        self.metadata = auth_metadata(token)
-        md = self.metadata or None
-        self._kw = {"metadata": md}
+        self.auth = auth_metadata(token)  # call metadata sent with every RPC
+        self._kw = {"metadata": self.auth or None}
 
     def close(self) -> None:
         self.channel.close()
@@ -249,7 +248,7 @@ class Client:
         return array(r.y), r.position
 
     def stream(self, model: str) -> StepStream:
-        return StepStream(self.stub, model, metadata=self.metadata)
+        return StepStream(self.stub, model, metadata=self.auth)
 
     def rollout(self, model: str, sequence_id, steps: int, x=None, *, commit: bool = False):
         """Closed-loop forecast: -> (y (steps, out), position)."""
