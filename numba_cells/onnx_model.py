@@ -215,6 +215,34 @@ def _layer(node, g: _Graph, cell: str) -> Layer:
                  linear_before_reset=int(a.get("linear_before_reset", 0)), node=node.name)
 
 
+def _check_state_slice(g: _Graph, node, name: str, layer: int, state_inputs: list) -> None:
+    """Layer k must start from row k of the graph's h0/c0 (the slot's layer k).
+
+    Follows Slice/Gather/Split and layout ops back to a graph input; a constant
+    row index that is not k is refused. Anything it cannot read is let through:
+    the parity tests, not this check, are the proof.
+    """
+    seen_index = None
+    while name not in state_inputs:
+        src = g.producer.get(name)
+        if src is None:
+            return  # a constant or unknown source: nothing to check
+        if src.op_type == "Slice" and len(src.input) > 1 and g.is_const(src.input[1]):
+            axes = g.const.get(src.input[3]) if len(src.input) > 3 and src.input[3] else None
+            if axes is None or int(np.asarray(axes).reshape(-1)[0]) == 0:
+                seen_index = int(np.asarray(g.const[src.input[1]]).reshape(-1)[0])
+        elif src.op_type == "Gather" and g.is_const(src.input[1]) and _attrs(src).get("axis", 0) == 0:
+            seen_index = int(np.asarray(g.const[src.input[1]]).reshape(-1)[0])
+        elif src.op_type == "Split" and _attrs(src).get("axis", 0) == 0:
+            seen_index = list(src.output).index(name)
+        elif src.op_type not in PLUMBING:
+            return
+        name = src.input[0]
+    if seen_index is not None and seen_index != layer:
+        raise CellError(f"node {node.name!r}: layer {layer} starts from row {seen_index} of the "
+                        f"state input {name!r}; the cell keeps layer k's state in row k")
+
+
 def _pre_core(g: _Graph, chain: list, x_name: str, features: int, spec: CellSpec) -> None:
     """Embedding and input normalisation between x and the first recurrent node."""
     scale = shift = None
@@ -350,6 +378,11 @@ def parse_model(model: onnx.ModelProto) -> CellSpec:
                         f"(parallel or bidirectional stacks cannot stream)")
 
     weights = [_layer(n, g, cell) for n in layers_in_order]
+    state_inputs = [v.name for v in graph_inputs if v.name != x_name]
+    for k, n in enumerate(layers_in_order):
+        for pos in (5, 6) if cell == "lstm" else (5,):
+            if len(n.input) > pos and n.input[pos]:
+                _check_state_slice(g, n, n.input[pos], k, state_inputs)
     hidden = weights[0].R.shape[1]
     for lw, n in zip(weights, layers_in_order):
         if lw.R.shape[1] != hidden:

@@ -157,3 +157,15 @@ def _stream_vs_ort(path, reference, scale=1.0, shift=0.0, B=3, T=120):
     got = np.stack([cell.step(x[:, t], np.arange(B)) for t in range(T)], 1)
     assert np.abs(got - want[0]).max() <= 1e-4
     assert np.abs(cell.read_many(np.arange(B))["h"].transpose(1, 0, 2) - want[1]).max() <= 1e-4
+
+
+def test_layers_reading_the_wrong_state_row_are_refused(model_file, tmp_path):
+    def swap_rows(g):
+        for t in g.initializer:
+            if t.name in ("s0h0", "e0h0"):
+                t.CopyFrom(numpy_helper.from_array(np.array([1 if t.name == "s0h0" else 2], np.int64), t.name))
+            elif t.name in ("s1h0", "e1h0"):
+                t.CopyFrom(numpy_helper.from_array(np.array([0 if t.name == "s1h0" else 1], np.int64), t.name))
+
+    with pytest.raises(CellError, match=r"node 'gru_0': layer 0 starts from row 1 of the state input 'h0'"):
+        load_spec(_edit(model_file("onnx", op="GRU", layers=2), tmp_path, swap_rows))
