@@ -257,9 +257,61 @@ load average at start {m['loadavg_start']}.
 """
 
 
+def compare(run_dirs: list[str], png: str | None = None) -> str:
+    """Markdown table (and a bar chart) of test F1 per seed: baseline, uni, bi."""
+    rows: dict[int, dict] = {}
+    for d in run_dirs:
+        m = json.loads((Path(d) / "metrics.json").read_text())
+        r = rows.setdefault(m["split"]["seed"], {"baseline": m["baseline_memorize"]["test"]["f1"],
+                                                 "entities": m["test"]["entities"]})
+        r[m["direction"]] = m["test"]["f1"]
+    kinds = ("baseline", "unidirectional", "bidirectional")
+    lines = ["| seed | test entities | baseline F1 | unidirectional F1 | bidirectional F1 | bi - baseline |",
+             "|---|---|---|---|---|---|"]
+    for seed, r in sorted(rows.items()):
+        gap = round(r["bidirectional"] - r["baseline"], 2) if "bidirectional" in r else "-"
+        lines.append(f"| {seed} | {r['entities']} | " + " | ".join(str(r.get(k, "-")) for k in kinds)
+                     + f" | {gap} |")
+    if png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        seeds = sorted(rows)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        width = 0.26
+        for j, k in enumerate(kinds):
+            ax.bar([i + (j - 1) * width for i in range(len(seeds))], [rows[s].get(k, 0) for s in seeds],
+                   width, label=k if k != "baseline" else "memorisation baseline")
+        ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+        ax.set_xlabel("split / initialisation seed")
+        ax.set_ylabel("test entity-level F1 (%)")
+        ax.set_title("NER on WNUT-16 tweets: held-out test F1")
+        ax.grid(True, axis="y", alpha=0.3)
+        top = max(v for r in rows.values() for k, v in r.items() if k in kinds)
+        ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+        ax.legend(loc="upper center", ncol=3, fontsize="small")
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m training.ner`: the same run with this task's own knobs exposed."""
+    """`python -m training.ner`: the same run with this task's own knobs exposed,
+    or `--compare RUN...` to tabulate finished runs."""
     import argparse
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "--compare":
+        rest = argv[1:]
+        png = None
+        if "--plot" in rest:
+            i = rest.index("--plot")
+            png, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+        print(compare(rest, png))
+        return 0
 
     p = argparse.ArgumentParser(prog="python -m training.ner", description=__doc__.split("\n")[0])
     for k, v in NER_DEFAULTS.items():
