@@ -102,6 +102,8 @@ def classify(exc: BaseException, where: str) -> tuple[str, str]:
     """(code name, message) for any exception; logs the unexpected ones."""
     if isinstance(exc, ServingError):
         return exc.code, exc.message
+    if type(exc).__name__ == "DecodeError":  # a stream message that is not the message type
+        return "INVALID_ARGUMENT", f"{where}: a request message could not be parsed ({exc})"
     log.exception("unexpected error in %s", where, exc_info=exc)
     return "INTERNAL", f"internal error in {where}: {type(exc).__name__}: {exc}"
 

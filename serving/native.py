@@ -185,6 +185,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for message in request_iterator:
             t0 = time.perf_counter()
             steps = message.steps
+            if not steps and not message.HasField("batch"):
+                yield pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
+                continue
             if message.HasField("batch"):
                 reply = await self._session_batch(message.batch, tenant)
                 if steps:

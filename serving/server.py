@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 from serving import metrics
 from serving.auth import AuthInterceptor, TokenTable
+from serving.guard import Guarded
 from serving.native import SERVICE, InferenceServicer
 from serving.runtime import snapshot
 from serving.runtime.registry import Registry
@@ -99,11 +100,12 @@ class Server:
             interceptors.append(AuthInterceptor(TokenTable(s.auth_tokens)))
         self.grpc = grpc.aio.server(options=opts, interceptors=interceptors,
                                     maximum_concurrent_rpcs=s.max_concurrent_rpcs or None)
+        guarded = Guarded(self.grpc)  # unparsable unary requests: INVALID_ARGUMENT
         pb_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.registry, self.sessions, s.max_predict_inflight), self.grpc)
+            InferenceServicer(self.registry, self.sessions, s.max_predict_inflight), guarded)
         pool = None
         for plugin in _plugins():
-            added = plugin.add_to_server(self.grpc, self.registry, self.sessions)
+            added = plugin.add_to_server(guarded, self.registry, self.sessions)
             self.services.extend(added or [])
             # a plugin whose messages live in a private descriptor pool hands
             # reflection a pool that can describe every service

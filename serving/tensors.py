@@ -9,6 +9,9 @@ from protos.seqserve.v1 import inference_pb2 as pb
 from serving.errors import InvalidArgument
 
 
+_MAX_DIM = 2**31 - 1
+
+
 def to_array(t: pb.Tensor, what: str = "x") -> np.ndarray:
     """A Tensor message -> float32 or int64 array of its declared shape.
 
@@ -22,6 +25,10 @@ def to_array(t: pb.Tensor, what: str = "x") -> np.ndarray:
         shape = tuple(t.shape)
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"{what} shape {list(shape)} has a negative dimension")
+        if len(shape) > 8 or any(d > _MAX_DIM for d in shape):
+            # numpy cannot even describe such an array (even an empty one)
+            raise InvalidArgument(f"{what} shape {list(shape)} is too large (rank <= 8, each "
+                                  f"dimension <= {_MAX_DIM})")
         need = math.prod(shape)
         if need != a.size:
             raise InvalidArgument(f"{what} shape {list(shape)} needs {need} values, got {a.size}")
