@@ -332,3 +332,17 @@ def test_fuzz_live_server(fuzz_server, model_repo, kit):
     assert fuzz_server.thread.is_alive()
     want = kit.ort_reference(model_repo / "lstm" / "1" / "model.onnx", xs[None, : len(ys)])["y"][0]
     np.testing.assert_allclose(ys, want, atol=1e-4)  # the well-behaved session was unaffected
+
+
+def test_unparsable_bytes_are_invalid_argument_on_both_protocols(fuzz_server):
+    ch = fuzz_server.channel
+    for path in (NATIVE + "Step", NATIVE + "Predict", OIP + "ModelInfer", OIP + "ModelMetadata"):
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary(path)(b"\xff\xff\xff", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+        assert "not a valid" in err.value.details()
+    for path in STREAMS:  # a good (empty) message, then garbage: answered, then INVALID_ARGUMENT
+        call = ch.stream_stream(path)(iter([b"", b"\xff\xff"]), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path

@@ -104,3 +104,18 @@ def test_shutting_down_is_unavailable(model_repo, kit):
                 assert {e.code for e in errs.values()} == {grpc.StatusCode.UNAVAILABLE}
     finally:
         running.stop()
+
+
+def test_limits_come_from_flags_and_environment():
+    from serving.settings import from_args
+
+    s = from_args(["--max-queue", "7"], env={"SEQSERVE_MAX_SESSIONS_PER_TENANT": "3",
+                                              "SEQSERVE_MAX_QUEUE": "9",
+                                              "SEQSERVE_MAX_CONCURRENT_RPCS": "5"})
+    assert (s.max_queue, s.max_sessions_per_tenant, s.max_concurrent_rpcs) == (7, 3, 5)
+    for argv, words in ((["--max-queue", "0"], "--max-queue"),
+                        (["--tls-cert", "c.pem"], "--tls-key"),
+                        (["--tls-client-ca", "ca.pem"], "--tls-cert"),
+                        (["--auth-tokens", "/nonexistent.json"], "no such file")):
+        with pytest.raises(ValueError, match=words):
+            from_args(argv, env={})
