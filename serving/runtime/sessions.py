@@ -166,13 +166,13 @@ class ModelSessions:
         self.ans_start = np.concatenate([self.ans_start, np.zeros(new - old, np.bool_)])
         log.info("model %s: session capacity %d -> %d", self.info.name, old, new)
 
-    def allocate(self, key) -> int:
+    def allocate(self, key, enforce_quota: bool = True) -> int:
         if len(self.table) >= self.max_sessions:
             raise ResourceExhausted(
                 f"model {self.info.name!r} has {len(self.table)} live sessions, the limit "
                 f"(--max-sessions); end sessions or wait for idle ones to expire")
         if self.tenants is not None:
-            self.tenants.take(key)  # ResourceExhausted over the tenant's quota
+            self.tenants.take(key, enforce_quota)  # ResourceExhausted over the tenant's quota
         if not self.free:
             self._grow()
         slot = self.free.pop()
@@ -238,10 +238,10 @@ class TenantQuota:
         self.limit = limit
         self.live: dict[str, int] = {}
 
-    def take(self, key) -> None:
+    def take(self, key, enforce: bool = True) -> None:
         tenant = key_parts(key)[0]
         n = self.live.get(tenant, 0)
-        if self.limit and n >= self.limit:
+        if enforce and self.limit and n >= self.limit:
             raise ResourceExhausted(
                 f"tenant has {n} live sessions, its quota (--max-sessions-per-tenant); end "
                 f"sessions or wait for idle ones to expire")

@@ -138,7 +138,7 @@ def restore_all(sessions: SessionManager, state_dir: str | Path) -> int:
         slots = []
         for tenant, sid in keys:
             key = (tenant, sid) if tenant else sid
-            slots.append(ms.allocate(key))
+            slots.append(ms.allocate(key, enforce_quota=False))  # restored, not new
         _write_states(ms, slots, arrays)
         idx = np.asarray(slots, np.int64)
         ms.position[idx] = arrays["position"]
