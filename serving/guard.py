@@ -6,9 +6,12 @@ fails it answers UNKNOWN ("Unexpected DecodeError") and logs a traceback.
 native servicer and protocol plugins alike): every unary-request handler
 gets a parser that never raises, and a behaviour that answers a message it
 could not parse with INVALID_ARGUMENT naming the message type. For a
-streaming request the servicer sees the stream end just before the bad
+streaming request handled by a coroutine (OIP's ModelStreamInfer, which runs
+requests as tasks) the servicer sees the stream end just before the bad
 message; once it has answered what came before (its in-flight work ends
-cleanly, as on a half-close), the call ends with INVALID_ARGUMENT.
+cleanly, as on a half-close), the call ends with INVALID_ARGUMENT. A
+generator servicer meets the parse error in its own loop instead, where
+serving.errors turns it into INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -88,6 +91,12 @@ def guard(handlers: dict) -> dict:
         behaviour = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         if parse is None or (h.response_streaming and not h.request_streaming
                              and not _is_async_gen(behaviour)):
+            out[name] = h
+            continue
+        if h.request_streaming and _is_async_gen(behaviour):
+            # a generator servicer (native StreamSteps) meets the parse error in its
+            # own loop, after answering what came before; serving.errors makes it
+            # INVALID_ARGUMENT. Left alone: no extra layer on the hot path.
             out[name] = h
             continue
         what = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)

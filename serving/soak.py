@@ -97,10 +97,13 @@ def _row(t: float, iv: Interval, seconds: float, rss: int) -> dict:
 async def _reporter(pid, seconds, interval_s, state, log):
     """Close an Interval every interval_s; returns the rows."""
     rows, t0 = [], time.monotonic()
-    while time.monotonic() - t0 < seconds:
+    last = t0
+    while time.monotonic() - t0 < seconds - 0.5:
         await asyncio.sleep(min(interval_s, seconds - (time.monotonic() - t0)))
         iv, state["iv"] = state["iv"], Interval()
-        row = _row(time.monotonic() - t0, iv, interval_s, _rss(pid))
+        now = time.monotonic()
+        row = _row(now - t0, iv, now - last, _rss(pid))
+        last = now
         rows.append(row)
         log(_format_row(row))
     state["stop"] = True
@@ -227,6 +230,11 @@ async def _overload_load(target, model, features, concurrency, seconds, interval
     return rows
 
 
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(float(np.median(xs)), 1) if xs else None
+
+
 def overload(repo, model, minutes, interval_s, concurrency, limit, log=print) -> dict:
     phases = {}
     for name, extra in (("unbounded", ["--max-predict-inflight", "100000"]),
@@ -249,8 +257,8 @@ def overload(repo, model, minutes, interval_s, concurrency, limit, log=print) ->
             "ok_p50_us_median": round(float(np.median([r["p50_us"] for r in ok])), 1),
             "ok_p99_us_median": round(float(np.median([r["p99_us"] for r in ok])), 1),
             "refused": sum(r.get("refused", 0) for r in rows),
-            "refused_p99_us_median": round(float(np.nanmedian(
-                [r.get("refused_p99_us", float("nan")) for r in ok] + [float("nan")])), 1),
+            "refused_p50_us_median": _median([r.get("refused_p50_us") for r in ok]),
+            "refused_p99_us_median": _median([r.get("refused_p99_us") for r in ok]),
             "ok_steps_per_s_median": round(float(np.median([r["steps_per_s"] for r in ok])), 1),
         }
     return {"mode": "overload", "model": model, "concurrency": concurrency, "limit": limit,
@@ -307,7 +315,10 @@ def kill9(repo, model, seconds, snapshot_s, sessions, log=print) -> dict:
     acked: dict = {f"k9-{i}": [] for i in range(sessions)}
     try:
         features = _features(target, model)
-        log(f"kill -9: {sessions} sessions stepping for {seconds} s, snapshots every {snapshot_s} s")
+        # kill at a random point between two snapshots, not in step with them
+        seconds += random.uniform(0, snapshot_s)
+        log(f"kill -9: {sessions} sessions stepping for {seconds:.2f} s, snapshots every "
+            f"{snapshot_s} s")
         asyncio.run(_kill9_load(target, model, features, sessions, seconds, acked))
     finally:
         killed_at = time.time()
@@ -329,7 +340,7 @@ def kill9(repo, model, seconds, snapshot_s, sessions, log=print) -> dict:
         lost_s.append(killed_at - (held[-1] if held else history[0][0]))
     steps_per_s = float(np.mean([h[-1][1] / max(1e-9, h[-1][0] - h[0][0]) for h in acked.values()
                                  if len(h) > 1]))
-    return {"mode": "kill9", "model": model, "sessions": sessions, "seconds": seconds,
+    return {"mode": "kill9", "model": model, "sessions": sessions, "seconds": round(seconds, 2),
             "snapshot_s": snapshot_s, "steps_per_session_per_s": round(steps_per_s, 1),
             "acked_steps": sum(h[-1][1] for h in acked.values() if h),
             "lost_steps_total": int(sum(lost_steps)), "lost_steps_max": int(max(lost_steps)),
