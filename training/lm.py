@@ -131,11 +131,17 @@ def next_words(model: SequenceModel, vocab: Vocab, words: list[str], k: int = 5,
 
 
 @torch.no_grad()
-def neighbours(model: SequenceModel, vocab: Vocab, word: str, k: int = 8) -> list[tuple[str, float]]:
-    """Nearest words by cosine similarity of the input embedding."""
+def neighbours(model: SequenceModel, vocab: Vocab, word: str, k: int = 8,
+               table: str = "input") -> list[tuple[str, float]]:
+    """Nearest words by cosine similarity in the input embedding or the output
+    embedding (the head's rows, one per next word). Every training step sends
+    gradient to every head row but only to the input rows of the words read, and
+    the input table starts at N(0, 1), so in a short run the OUTPUT table is the
+    one that has organised (see docs/LM_NER.md)."""
     if word not in vocab:
         return []
-    emb = F.normalize(model.embedding.weight.detach(), dim=1)  # (V, E)
+    weight = model.embedding.weight if table == "input" else model.head.weight
+    emb = F.normalize(weight.detach(), dim=1)  # (V, E) or (V, H)
     wid = vocab.encode([word])[0]
     sims = emb @ emb[wid]  # (V,)
     sims[[0, 1, wid]] = -2.0  # skip padding, <unk> and the word itself
@@ -285,6 +291,8 @@ def run(args) -> dict:
     metrics["next_words"] = {PROMPT: next_words(model, vocab, PROMPT.split()),
                              f"{EOS} {PROMPT}": next_words(model, vocab, [EOS] + PROMPT.split())}
     metrics["neighbours"] = {w: neighbours(model, vocab, w) for w in PROBE_WORDS if w in vocab}
+    metrics["neighbours_output"] = {w: neighbours(model, vocab, w, table="output")
+                                    for w in PROBE_WORDS if w in vocab}
 
     tok = Tokenizer(lowercase=True, split_punctuation=True).to_dict()
     # PTB conventions a server may want to apply before looking words up.
@@ -351,7 +359,9 @@ def _report(m: dict, o: dict, out: Path) -> str:
         if k in ng:
             rows.append(f"| interpolated Kneser-Ney {'bigram' if k == 'kn2' else 'trigram'} | "
                         f"{ng[k]['val_ppl']} | {ng[k]['test_ppl']} |")
-    nb = "\n".join(f"- **{w}**: " + ", ".join(f"{n} ({s})" for n, s in lst) for w, lst in m["neighbours"].items())
+    nb = "\n".join(f"- **{w}**: input " + ", ".join(f"{n} ({s})" for n, s in lst)
+                   + "; output " + ", ".join(f"{n} ({s})" for n, s in m["neighbours_output"].get(w, []))
+                   for w, lst in m["neighbours"].items())
     nw = "\n".join(f"- after `{p}`: " + ", ".join(f"{w} ({pr})" for w, pr in lst)
                    for p, lst in m["next_words"].items())
     h = m["history"]
@@ -382,7 +392,7 @@ batch {o['batch_size']}, truncated BPTT {o['bptt']} steps with the state carried
 ## Next words (zero state, as a fresh serving session starts)
 {nw}
 
-## Nearest neighbours in the input embedding (cosine)
+## Nearest neighbours (cosine) in the input embedding and in the output embedding (head rows)
 {nb}
 """
 

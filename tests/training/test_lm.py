@@ -75,6 +75,7 @@ def test_tiny_run_writes_checkpoint_report_and_exports(tmp_path):
     assert saved["test_ppl"] == m["test_ppl"] and math.isfinite(m["test_ppl"])
     assert saved["ngram"]["kn3"]["test_ppl"] > 1
     assert len(saved["next_words"][lm.PROMPT]) == 5
+    assert set(saved["neighbours_output"]) == set(saved["neighbours"])
     with pytest.raises(ValueError, match="bidirectional"):
         lm.run(argparse.Namespace(out=str(tmp_path / "bi"), bidirectional=True))
 
