@@ -42,11 +42,12 @@ EVAL_BATCH = 10
 PROMPT = "i want to buy a"
 PROBE_WORDS = ("money", "company", "stock", "week", "buy", "president", "japan", "up")
 
-# Defaults chosen for a 2-core CPU (see docs/LM_NER.md): the 10k-way softmax
-# dominates the cost, so one 256-wide layer trains ~2x faster than two.
-LM_DEFAULTS = dict(cell="lstm", layers=1, hidden=256, embed_dim=256, epochs=40, seed=0, lr=2e-3,
-                batch_size=32, dropout=0.4, budget_s=None, device="cpu", min_freq=1,
-                max_examples=None, bptt=35, clip=0.5, threads=2, budget_kind="wall", wall_cap_s=None)
+# Defaults = the measured run in docs/LM_NER.md (2-core shared CPU): the 10k-way
+# softmax dominates the cost, so width beyond 256 is expensive; one thread,
+# because on an oversubscribed machine 2 threads measured 2-4x slower.
+LM_DEFAULTS = dict(cell="lstm", layers=1, hidden=256, embed_dim=256, epochs=40, seed=0, lr=2.5e-3,
+                batch_size=32, dropout=0.3, budget_s=None, device="cpu", min_freq=1,
+                max_examples=None, bptt=35, clip=0.5, threads=1, budget_kind="wall", wall_cap_s=None)
 DEFAULTS = {"lm": LM_DEFAULTS}  # training/cli.py fills absent flags from DEFAULTS[task]
 
 
