@@ -45,6 +45,10 @@ def _shape_text(shape) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
+MAX_RANK = 8
+MAX_DIM = 2**31 - 1
+
+
 def decode_tensor(tensor, raw: bytes | None) -> np.ndarray:
     """One InferInputTensor (+ its raw bytes, if the request used raw) -> array."""
     name = tensor.name
@@ -59,6 +63,13 @@ def decode_tensor(tensor, raw: bytes | None) -> np.ndarray:
         raise InvalidArgument(
             f"input '{name}': shape {_shape_text(shape)} has a negative dimension; "
             f"send the actual size of every axis"
+        )
+    # numpy cannot describe such arrays at all (even empty ones): refuse them
+    # here rather than let reshape fail with an internal error
+    if len(shape) > MAX_RANK or any(d > MAX_DIM for d in shape):
+        raise InvalidArgument(
+            f"input '{name}': shape {_shape_text(shape)} is out of range: at most "
+            f"{MAX_RANK} axes of at most {MAX_DIM} each"
         )
     count = math.prod(shape)
     if raw is not None:
