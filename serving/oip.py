@@ -38,7 +38,7 @@ from protos.inference import messages as pb
 from serving import errors, metrics
 from serving import oip_codec as codec
 from serving.errors import FailedPrecondition, InvalidArgument, ServingError
-from serving.native import tenant_of
+from serving.native import deadline_of, tenant_of
 from serving.runtime.sessions import session_key
 
 log = logging.getLogger("seqserve.oip")
@@ -116,7 +116,7 @@ class InferenceServicer:
     @errors.unary("oip.ModelInfer")
     async def ModelInfer(self, request, context):
         t0 = time.perf_counter()
-        reply = await self._infer(request, tenant_of(context))
+        reply = await self._infer(request, tenant_of(context), deadline_of(context))
         self._infer_latency.observe(time.perf_counter() - t0)
         return reply
 
@@ -169,8 +169,12 @@ class InferenceServicer:
             for task in list(tasks):
                 task.cancel()
 
-    async def _infer(self, request, tenant: str):
-        """One ModelInferRequest -> ModelInferResponse (raises ServingError)."""
+    async def _infer(self, request, tenant: str, deadline: float | None = None):
+        """One ModelInferRequest -> ModelInferResponse (raises ServingError).
+
+        deadline: the unary caller's (time.monotonic()); queued steps whose
+        caller has gone are dropped before they run.
+        """
         model = self.registry.get(request.model_name, _version(request.model_version))
         control = codec.sequence_control(request)
         response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version),
@@ -178,7 +182,8 @@ class InferenceServicer:
         if control.sequence_id is None:
             outputs, names = await self._predict(model, request)
         else:
-            outputs, names = await self._step(model, request, control, response, tenant)
+            outputs, names = await self._step(model, request, control, response, tenant,
+                                              deadline)
         return codec.encode_response(response, outputs, names)
 
     async def _predict(self, model, request):
@@ -194,7 +199,7 @@ class InferenceServicer:
             outputs = model.ort.predict(*args)
         return outputs, names
 
-    async def _step(self, model, request, control, response, tenant):
+    async def _step(self, model, request, control, response, tenant, deadline=None):
         if model.cell is None:
             raise FailedPrecondition(
                 f"model '{model.name}' reads sequences both ways and cannot keep a sequence; "
@@ -215,7 +220,8 @@ class InferenceServicer:
                     f"the sequence may also have ended or expired)")
         y, position = await self.sessions.step_with_position(
             model.name, model.version, sid, step, start=control.start, end=control.end,
-            tenant=tenant, checked=checked)
+            tenant=tenant, checked=checked, expect=_expected_position(request),
+            deadline=deadline)
         response.parameters["sequence_position"].int64_param = position
         return {"y": np.asarray(y)[None]}, names  # (1, T, out)
 
@@ -234,6 +240,20 @@ class InferenceServicer:
                 f"a sequence request carries one sequence: input 'x' must have batch 1 "
                 f"(shape [1, time{', features' if x.ndim == 3 else ''}]), got batch {x.shape[0]}")
         return x[0]
+
+
+def _expected_position(request) -> int | None:
+    """The exactly-once contract's `sequence_position` request parameter: the
+    number of steps the client believes the sequence has taken before this
+    request (see serving/README.md, "Exactly-once steps")."""
+    if "sequence_position" not in request.parameters:
+        return None
+    p = request.parameters["sequence_position"]
+    kind = p.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(
+            f"parameter sequence_position must be an integer (int64_param), got {kind or 'nothing'}")
+    return int(getattr(p, kind))
 
 
 def add_to_server(server, registry, sessions) -> list[str]:
