@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from numba_cells.blas import gemm_ready
 from numba_cells.onnx_model import CellError, CellSpec, load_spec
 from numba_cells.packing import pack
 
@@ -46,6 +47,12 @@ class _CpuState:
         self.params, self.meta = pack(spec)
         self.serial, self.parallel = cpu.RUNNERS[spec.cell]
         self.parallel_min = cpu.PARALLEL_MIN_BATCH
+        # big batches: one sgemm per layer instead of tiles (see cpu.py, GEMM path)
+        self.gemm = cpu.GEMM_RUNNERS.get(spec.cell)
+        if not (self.gemm is not None and cpu.GEMM_MIN_BATCH > 0
+                and cpu.gemm_layout_ok(self.meta, spec.gates * spec.hidden) and gemm_ready()):
+            self.gemm = None
+        self.gemm_min = cpu.GEMM_MIN_BATCH
         self.h = np.zeros((capacity, spec.layers, spec.hidden), np.float32)
         self.c = (np.zeros_like(self.h) if spec.has_cell_state
                   else np.zeros((1, 1, 1), np.float32))
@@ -56,7 +63,10 @@ class _CpuState:
     def advance(self, x, tok, slots, B, T):
         """x (B, T, F) float32 or None, tok (B, T) int64 or None -> y (B, T, out)."""
         y = np.empty((B, T, self.spec.output_size), np.float32)
-        run = self.parallel if 0 < self.parallel_min <= B else self.serial
+        if self.gemm is not None and B >= self.gemm_min:
+            run = self.gemm
+        else:
+            run = self.parallel if 0 < self.parallel_min <= B else self.serial
         code, row = run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
                         slots, self.h, self.c, y, self.params, self.meta, self.seen)
         return y, code, row
@@ -67,7 +77,8 @@ class _CpuState:
         c = np.zeros_like(h) if self.spec.has_cell_state else self.c
         x, tok = _zeros_input(self.spec, 1, 1)
         slots = np.zeros(1, np.int64)
-        runs = [self.serial] + ([self.parallel] if self.parallel_min > 0 else [])
+        runs = ([self.serial] + ([self.parallel] if self.parallel_min > 0 else [])
+                + ([self.gemm] if self.gemm is not None else []))
         for run in runs:
             y = np.empty((1, 1, self.spec.output_size), np.float32)
             run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,

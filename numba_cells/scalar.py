@@ -92,9 +92,15 @@ def lstm_cell_state(i, f, g, c_prev):
 
 
 @register_jitable
+def lstm_hidden_gated(o, c):
+    """h = o * tanh(c), the output gate o already activated."""
+    return o * tanh(c)
+
+
+@register_jitable
 def lstm_hidden(o_pre, c):
     """h = sigmoid(o) * tanh(c) from the output gate's pre-activation (peephole added)."""
-    return sigmoid(o_pre) * tanh(c)
+    return lstm_hidden_gated(sigmoid(o_pre), c)
 
 
 @register_jitable

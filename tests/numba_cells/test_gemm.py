@@ -1,0 +1,73 @@
+"""The big-batch GEMM path (one sgemm per layer, cpu.py) against ONNX Runtime, and a
+session's numbers in a big batch against the same session stepped alone (tile path)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from numba_cells import cpu, load_cell
+from numba_cells.blas import gemm_ready
+from tests.numba_cells.test_parity import check_parity
+
+pytestmark = pytest.mark.skipif(not gemm_ready(), reason="needs SciPy's BLAS and threadpoolctl")
+
+
+def _gemm_always(cell):
+    """Route every batch, even B=1, through the GEMM path (the streams here are small)."""
+    assert cell._state.gemm is not None, "this cell should have a GEMM path"
+    cell._state.gemm_min = 1
+
+
+@pytest.mark.parametrize("layers,hidden,features,normalize", [(1, 8, 1, False), (2, 64, 5, True),
+                                                              (3, 16, 2, False)])
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_gemm_parity(model_file, reference, record_property, cell, layers, hidden, features,
+                     normalize):
+    path = model_file("torch", cell=cell, layers=layers, hidden=hidden, features=features,
+                      normalize=normalize)
+    check_parity(path, reference, record=record_property, on_load=_gemm_always)
+
+
+def test_gemm_tokens_peepholes_chunks(model_file, reference, record_property):
+    check_parity(model_file("torch", cell="lstm", layers=2, hidden=32, vocab=50, embed=12, out=7,
+                            activation="softmax"),
+                 reference, record=record_property, on_load=_gemm_always)
+    check_parity(model_file("onnx", op="LSTM", layers=2, hidden=32, peephole=True), reference,
+                 record=record_property, on_load=_gemm_always, chunk_max=5)
+
+
+def test_gemm_big_batch_parity(model_file, reference, record_property):
+    """Batches above the default threshold, as the server would send them."""
+    path = model_file("torch", cell="lstm", layers=2, hidden=32, features=3)
+    B = cpu.GEMM_MIN_BATCH + 8
+    check_parity(path, reference, record=record_property, B=B, T=30, stagger=0)
+
+
+def test_big_batch_matches_alone(model_file):
+    """A session inside a big batch (GEMM path) gives its numbers alone (tile path) to 1e-5.
+
+    Not bit-identical: sgemm sums in its own blocked order and adds the bias last
+    (cpu.py). Batches below GEMM_MIN_BATCH stay bit-identical (test_parity.py)."""
+    path = model_file("torch", cell="lstm", layers=2, hidden=64, features=5)
+    B = max(cpu.GEMM_MIN_BATCH, 1) + 5
+    rng = np.random.default_rng(4)
+    alone = load_cell(path, device="cpu", capacity=B)
+    batched = load_cell(path, device="cpu", capacity=B)
+    assert batched._state.gemm is not None and B >= batched._state.gemm_min
+    x = (1.5 * rng.standard_normal((40, B, 5))).astype(np.float32)
+    order = rng.permutation(B).astype(np.int64)  # row i steps session (slot) order[i]
+    row = int(np.flatnonzero(order == 0)[0])  # where session 0 sits in the big batch
+    worst = 0.0
+    for t in range(40):
+        ya = alone.step(x[t, :1], np.array([0]))
+        yb = batched.step(x[t, order], order)
+        worst = max(worst, float(np.abs(ya[0] - yb[row]).max()))
+    sa, sb = alone.read(0), batched.read(0)
+    worst = max(worst, float(np.abs(sa["h"] - sb["h"]).max()), float(np.abs(sa["c"] - sb["c"]).max()))
+    assert worst <= 1e-5, worst
+
+
+def test_gru_keeps_tile_kernels(model_file):
+    """GRU's split recurrent weights are not one [W; R] matrix: no GEMM path."""
+    cell = load_cell(model_file("torch", cell="gru", layers=1, hidden=8), device="cpu", capacity=2)
+    assert cell._state.gemm is None
