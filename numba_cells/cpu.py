@@ -26,8 +26,9 @@ Numerics on purpose:
   `contract` 22.5 / 23.9 us and 747 / 750 us.
 - Rows go in tiles of TILE: each weight row is loaded once per tile and used
   for every row in it (batch 64 costs ~12 us of CPU per row, batch 1 ~23 us).
-  The tile loops are not register-blocked: a real sgemm (torch's MKL) is still
-  ~2x faster per row at batch 1024 on one thread.
+  The tile loops are not register-blocked, so for big batches (B >= GEMM_MIN_BATCH)
+  the LSTM and RNN kernels use one BLAS sgemm per layer instead: see "GEMM path"
+  below for how that changes the summation order.
 """
 from __future__ import annotations
 
@@ -473,48 +474,68 @@ RUNNERS = {"lstm": (lstm_serial, lstm_parallel), "gru": (gru_serial, gru_paralle
 
 # ---------------------------------------------------------------- GEMM path (big batches)
 # The tile kernels re-read every weight matrix once per TILE rows. For big
-# batches we instead gather the whole batch's [input | h] rows into one
-# (B, in + H) matrix and compute every gate pre-activation with one sgemm
-# (np.dot -> SciPy's BLAS, pinned to one thread, see blas.py), which streams
-# each weight row once per call at near-peak FMA rate; then the same elementwise
-# gate code as the tile path runs per session. Used only when blas.gemm_ready()
+# batches we instead gather a chunk of rows' [input | h | 1] into one
+# (M, in + H + 1) matrix and compute every gate pre-activation with one sgemm
+# (np.dot -> SciPy's BLAS, pinned to one thread, see blas.py; ~85 GFLOP/s on
+# one core here), which reuses each weight row across the chunk's sessions;
+# then the same elementwise gate code as the tile path runs per session. Used only when blas.gemm_ready()
 # and B >= GEMM_MIN_BATCH (cell.py).
 #
-# Numerics on purpose: sgemm sums the products in its own blocked order and the
-# bias is added after the sum, while the tile path starts from the bias and
-# adds the products in order. So a session's numbers on this path can differ
+# Numerics on purpose: sgemm sums the products (bias included, as one more
+# product) in its own blocked order, while the tile path starts from the bias
+# and adds the products in order. So a session's numbers on this path can differ
 # from the same session on the tile path in the last bits (tests bound it at
 # 1e-5 and check 1e-4 parity with ONNX Runtime). Within this path a row's sum
 # does not depend on the other rows, except that OpenBLAS may use different
 # micro-kernels for the last few rows of a batch.
-GEMM_MIN_BATCH = int(os.environ.get("SEQSERVE_CELL_GEMM_MIN_BATCH", "32"))
-GEMM_ROWS = int(os.environ.get("SEQSERVE_CELL_GEMM_ROWS", "128"))
+# Threshold measured on the bench model (LSTM 2x128, median us per call, tile vs
+# GEMM): B=32 283 vs 295, B=48 421 vs 390, B=64 565 vs 487, B=1024 9000 vs 6480.
+# Rows go through in chunks of GEMM_ROWS so the gates stay in L2 (256 measured
+# ~5% faster than 128 or the whole batch at B=1024, within the noise).
+GEMM_MIN_BATCH = int(os.environ.get("SEQSERVE_CELL_GEMM_MIN_BATCH", "48"))
+GEMM_ROWS = int(os.environ.get("SEQSERVE_CELL_GEMM_ROWS", "256"))
 
 
 @njit(**_jit)
 def gather_xh(B, slots, h, l, inp, width, xh):
-    """xh (B, width + H) = [inp (B, width) | h[slots, l] (B, H)], the sgemm's left operand."""
+    """xh (B, width + H + 1) = [inp (B, width) | h[slots, l] (B, H) | 1], the sgemm's left operand.
+
+    The column of ones multiplies the bias row, so sgemm adds the bias too and no
+    separate pass over the gates is needed (~0.07 ms per layer at batch 1024 by
+    component timing; within the noise end to end)."""
+    H = h.shape[2]
     for r in range(B):
         xh[r, :width] = inp[r * width: (r + 1) * width]
-        xh[r, width:] = h[slots[r], l]
+        xh[r, width: width + H] = h[slots[r], l]
+        xh[r, width + H] = float32(1.0)
 
 
 @njit(**_jit)
 def gemm_gates(B, slots, h, l, inp, width, G, params, meta, xbuf, gates):
-    """gates (B, G) = [inp | h_l] @ [W; R] + bias for layer l (W, R packed back to back)."""
+    """gates (B, G) = [inp | h_l | 1] @ [W; R; bias] for layer l (packed back to back)."""
     H = meta[M_HIDDEN]
     lb = M_LAYER0 + PER_LAYER * l
-    K = width + H
+    K = width + H + 1
     xh = xbuf[: B * K].reshape(B, K)
     gather_xh(B, slots, h, l, inp, width, xh)
     ow = meta[lb + L_W]
     np.dot(xh, params[ow: ow + K * G].reshape(K, G), gates)
-    ob = meta[lb + L_B]
-    bias = params[ob: ob + G]
-    for r in range(B):
-        gr = gates[r]
-        for j in range(G):
-            gr[j] += bias[j]
+
+
+@njit(**_jit)
+def head_gemm(b0, nr, t, y, params, meta, inp, ybuf):
+    """head_tile for a chunk with one sgemm: the per-row loop was 0.55 us per row at
+    out=1 (a serial multiply-add chain), a quarter of the batch-1024 step's non-sgemm time."""
+    H, O = meta[M_HIDDEN], meta[M_OUT]
+    ow, ob = meta[M_HEAD_W], meta[M_HEAD_B]
+    yb = ybuf[: nr * O].reshape(nr, O)
+    np.dot(inp[: nr * H].reshape(nr, H), params[ow: ow + H * O].reshape(H, O), yb)
+    bias = params[ob: ob + O]
+    for r in range(nr):
+        yr = y[b0 + r, t]  # (O,)
+        for o in range(O):
+            yr[o] = yb[r, o] + bias[o]
+        head_finish(yr, params, meta)
 
 
 @njit(**_jit)
@@ -528,7 +549,8 @@ def lstm_gemm(x, tok, slots, h, c, y, params, meta, seen):
     M = min(B, GEMM_ROWS)
     gates = np.empty((M, G), np.float32)
     inp = np.empty(M * max(F, H), np.float32)  # layer input, (M, width)
-    xbuf = np.empty(M * (max(F, H) + H), np.float32)
+    xbuf = np.empty(M * (max(F, H) + H + 1), np.float32)
+    ybuf = np.empty(M * meta[M_OUT], np.float32)
     for b0 in range(0, B, M):
         nr = min(M, B - b0)
         g = gates[:nr]
@@ -539,7 +561,7 @@ def lstm_gemm(x, tok, slots, h, c, y, params, meta, seen):
                 gemm_gates(nr, slots[b0:], h, l, inp, width, G, params, meta, xbuf, g)
                 lstm_update(g.reshape(nr * G), G, nr, b0, slots, h, c, l, params, meta, inp)
                 width = H
-            head_tile(b0, nr, t, y, params, meta, inp)
+            head_gemm(b0, nr, t, y, params, meta, inp, ybuf)
     return 0, 0
 
 
@@ -553,7 +575,8 @@ def rnn_gemm(x, tok, slots, h, c, y, params, meta, seen):
     M = min(B, GEMM_ROWS)
     gates = np.empty((M, H), np.float32)
     inp = np.empty(M * max(F, H), np.float32)
-    xbuf = np.empty(M * (max(F, H) + H), np.float32)
+    xbuf = np.empty(M * (max(F, H) + H + 1), np.float32)
+    ybuf = np.empty(M * meta[M_OUT], np.float32)
     for b0 in range(0, B, M):
         nr = min(M, B - b0)
         g = gates[:nr]
@@ -564,7 +587,7 @@ def rnn_gemm(x, tok, slots, h, c, y, params, meta, seen):
                 gemm_gates(nr, slots[b0:], h, l, inp, width, H, params, meta, xbuf, g)
                 rnn_update(g.reshape(nr * H), nr, b0, slots, h, l, inp, H)
                 width = H
-            head_tile(b0, nr, t, y, params, meta, inp)
+            head_gemm(b0, nr, t, y, params, meta, inp, ybuf)
     return 0, 0
 
 
@@ -574,11 +597,13 @@ GEMM_RUNNERS = {"lstm": lstm_gemm, "rnn": rnn_gemm}
 
 
 def gemm_layout_ok(meta, G: int) -> bool:
-    """True when every layer's R (H, G) starts right after its W (in, G) in params (packing.py)."""
+    """True when every layer's W (in, G), R (H, G) and bias (G,) lie back to back in params,
+    so [W; R; bias] is one (in + H + 1, G) matrix (packing.py's order)."""
     width = meta[M_IN]
     for l in range(meta[M_LAYERS]):
         lb = M_LAYER0 + PER_LAYER * l
-        if meta[lb + L_R] != meta[lb + L_W] + width * G:
+        if (meta[lb + L_R] != meta[lb + L_W] + width * G
+                or meta[lb + L_B] != meta[lb + L_R] + meta[M_HIDDEN] * G):
             return False
         width = meta[M_HIDDEN]
     return True
