@@ -18,16 +18,24 @@ import os
 _READY: bool | None = None
 
 
-def _scipy_blas_prefixes() -> list[str]:
-    """threadpoolctl prefixes of the BLAS libraries inside SciPy's install."""
+def _pin_scipy_blas(threads: int) -> bool:
+    """Limit the BLAS libraries inside SciPy's install to `threads`; False if none found.
+
+    Selected by file path, not by threadpoolctl's prefix: SciPy's and NumPy's
+    OpenBLAS wheels share the prefix `libscipy_openblas`, and NumPy's is not ours."""
     import scipy
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import ThreadpoolController
 
     root = os.path.dirname(os.path.realpath(scipy.__file__))
     roots = (root + os.sep, root + ".libs" + os.sep)  # wheels vendor the library in scipy.libs/
-    return [lib["prefix"] for lib in threadpool_info()
-            if lib.get("user_api") == "blas"
-            and os.path.realpath(lib.get("filepath", "")).startswith(roots)]
+    controller = ThreadpoolController()
+    paths = [lib["filepath"] for lib in controller.info()
+             if lib.get("user_api") == "blas"
+             and os.path.realpath(lib.get("filepath", "")).startswith(roots)]
+    if paths:
+        # not used as a context manager: the limit stays for the process
+        controller.select(filepath=paths).limit(limits=threads)
+    return bool(paths)
 
 
 def gemm_ready() -> bool:
@@ -36,14 +44,9 @@ def gemm_ready() -> bool:
     if _READY is None:
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (loads the library threadpoolctl finds)
-            from threadpoolctl import threadpool_limits
 
-            prefixes = _scipy_blas_prefixes()
-            if prefixes:
-                threads = max(1, int(os.environ.get("SEQSERVE_CELL_BLAS_THREADS", "1")))
-                # not used as a context manager: the limit stays for the process
-                threadpool_limits(limits={p: threads for p in prefixes})
-            _READY = bool(prefixes)
+            threads = max(1, int(os.environ.get("SEQSERVE_CELL_BLAS_THREADS", "1")))
+            _READY = _pin_scipy_blas(threads)
         except ImportError:
             _READY = False
     return _READY

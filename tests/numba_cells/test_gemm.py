@@ -71,3 +71,17 @@ def test_gru_keeps_tile_kernels(model_file):
     """GRU's split recurrent weights are not one [W; R] matrix: no GEMM path."""
     cell = load_cell(model_file("torch", cell="gru", layers=1, hidden=8), device="cpu", capacity=2)
     assert cell._state.gemm is None
+
+
+def test_scipy_blas_pinned_to_one_thread():
+    """The cell is single-threaded: SciPy's BLAS (the one np.dot uses in Numba) runs on one
+    thread once the GEMM path is on (blas.py; the default SEQSERVE_CELL_BLAS_THREADS)."""
+    import os
+
+    import scipy
+    from threadpoolctl import threadpool_info
+
+    root = os.path.dirname(os.path.realpath(scipy.__file__))
+    libs = [lib for lib in threadpool_info() if lib["user_api"] == "blas"
+            and os.path.realpath(lib["filepath"]).startswith((root + os.sep, root + ".libs" + os.sep))]
+    assert libs and all(lib["num_threads"] == 1 for lib in libs), libs
