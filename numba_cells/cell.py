@@ -72,7 +72,7 @@ class _CpuState:
         return y, code, row
 
     def warm_up(self):
-        """Compile (or load from Numba's cache) both runners, on scratch state."""
+        """Compile (or load from Numba's cache) every runner this state uses, on scratch state."""
         h = np.zeros((1,) + self.h.shape[1:], np.float32)
         c = np.zeros_like(h) if self.spec.has_cell_state else self.c
         x, tok = _zeros_input(self.spec, 1, 1)
