@@ -41,18 +41,18 @@ class _CpuState:
     device = "cpu"
 
     def __init__(self, spec: CellSpec, capacity: int):
-        from numba_cells import cpu  # compiled (or loaded from cache) on first import
+        from numba_cells import cpu, cpu_gemm  # compiled (or loaded from cache) on first use
 
         self.spec = spec
         self.params, self.meta = pack(spec)
         self.serial, self.parallel = cpu.RUNNERS[spec.cell]
         self.parallel_min = cpu.PARALLEL_MIN_BATCH
         # big batches: one sgemm per layer instead of tiles (see cpu.py, GEMM path)
-        self.gemm = cpu.GEMM_RUNNERS.get(spec.cell)
-        if not (self.gemm is not None and cpu.GEMM_MIN_BATCH > 0
-                and cpu.gemm_layout_ok(self.meta, spec.gates * spec.hidden) and gemm_ready()):
+        self.gemm = cpu_gemm.RUNNERS.get(spec.cell)
+        if not (self.gemm is not None and cpu_gemm.GEMM_MIN_BATCH > 0
+                and cpu_gemm.layout_ok(self.meta, spec.gates * spec.hidden) and gemm_ready()):
             self.gemm = None
-        self.gemm_min = cpu.GEMM_MIN_BATCH
+        self.gemm_min = cpu_gemm.GEMM_MIN_BATCH
         self.h = np.zeros((capacity, spec.layers, spec.hidden), np.float32)
         self.c = (np.zeros_like(self.h) if spec.has_cell_state
                   else np.zeros((1, 1, 1), np.float32))

@@ -1,11 +1,11 @@
-"""The big-batch GEMM path (one sgemm per layer, cpu.py) against ONNX Runtime, and a
+"""The big-batch GEMM path (one sgemm per layer, cpu_gemm.py) against ONNX Runtime, and a
 session's numbers in a big batch against the same session stepped alone (tile path)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from numba_cells import cpu, load_cell
+from numba_cells import cpu_gemm, load_cell
 from numba_cells.blas import gemm_ready
 from tests.numba_cells.test_parity import check_parity
 
@@ -39,7 +39,7 @@ def test_gemm_tokens_peepholes_chunks(model_file, reference, record_property):
 def test_gemm_big_batch_parity(model_file, reference, record_property):
     """Batches above the default threshold, as the server would send them."""
     path = model_file("torch", cell="lstm", layers=2, hidden=32, features=3)
-    B = cpu.GEMM_MIN_BATCH + 8
+    B = cpu_gemm.GEMM_MIN_BATCH + 8
     check_parity(path, reference, record=record_property, B=B, T=30, stagger=0)
 
 
@@ -47,9 +47,9 @@ def test_big_batch_matches_alone(model_file):
     """A session inside a big batch (GEMM path) gives its numbers alone (tile path) to 1e-5.
 
     Not bit-identical: sgemm sums in its own blocked order and adds the bias last
-    (cpu.py). Batches below GEMM_MIN_BATCH stay bit-identical (test_parity.py)."""
+    (cpu_gemm.py). Batches below GEMM_MIN_BATCH stay bit-identical (test_parity.py)."""
     path = model_file("torch", cell="lstm", layers=2, hidden=64, features=5)
-    B = max(cpu.GEMM_MIN_BATCH, 1) + 5
+    B = max(cpu_gemm.GEMM_MIN_BATCH, 1) + 5
     rng = np.random.default_rng(4)
     alone = load_cell(path, device="cpu", capacity=B)
     batched = load_cell(path, device="cpu", capacity=B)

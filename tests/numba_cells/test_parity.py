@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from numba_cells import cpu, load_cell
+from numba_cells import cpu_gemm, load_cell
 
 TOL = 1e-4
 STEPS = 200
@@ -135,7 +135,7 @@ def test_batch_composition_does_not_change_numbers(model_file):
 
     Batches this small stay on the tile kernels; big batches take the GEMM path,
     whose sgemm sums in another order: test_gemm.py bounds that at 1e-5."""
-    assert 13 < cpu.GEMM_MIN_BATCH or cpu.GEMM_MIN_BATCH == 0
+    assert 13 < cpu_gemm.GEMM_MIN_BATCH or cpu_gemm.GEMM_MIN_BATCH == 0
     path = model_file("torch", cell="lstm", layers=2, hidden=64, features=5)
     rng = np.random.default_rng(3)
     alone, batched = load_cell(path, device="cpu", capacity=16), load_cell(path, device="cpu", capacity=16)
