@@ -163,11 +163,22 @@ def stream(method: str):
             except AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                code, message = classify(exc, method)
-                _observe(method, code)
-                await context.abort(status_code(code), message)
+                await end_stream(context, exc, method)
             _observe(method, "OK")
 
         return handler
 
     return wrap
+
+
+async def end_stream(context, exc: BaseException, method: str) -> None:
+    """End a stream with exc's status (what @stream does; for generators that
+    handle their errors inline to save the decorator's layer per message)."""
+    code, message = classify(exc, method)
+    _observe(method, code)
+    await context.abort(status_code(code), message)
+
+
+def stream_ok(method: str) -> None:
+    """Count a stream that ended normally (what @stream does after the last reply)."""
+    _observe(method, "OK")

@@ -13,6 +13,7 @@ import time
 from math import isfinite
 
 import numpy as np
+from grpc.aio import AbortError
 
 from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
@@ -150,10 +151,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _step_x(self, s: pb.StepRequest):
         """(model, version, sequence, x, start, end, checked) for the session manager."""
-        m = self.registry.get(s.model, s.version or None)
+        version = s.version or None
+        m = self.registry.get(s.model, version)
         x = _one_float_step(s, m.info)
         if x is not None:
-            return m.name, s.version or None, sequence_of(s), x, s.start, s.end, True
+            which = s.WhichOneof("sequence")
+            return m.name, version, getattr(s, which) if which else None, x, s.start, s.end, True
         if s.text:
             if s.HasField("x"):
                 raise InvalidArgument("send either x or text, not both")
@@ -177,37 +180,48 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._step_latency.observe(time.perf_counter() - t0)
         return reply
 
-    @errors.stream("StreamSteps")
     async def StreamSteps(self, request_iterator, context):
-        tenant = tenant_of(context)
-        sessions = self.sessions
-        latency = self._stream_latency
-        async for message in request_iterator:
-            t0 = time.perf_counter()
-            steps = message.steps
-            if not steps and not message.HasField("batch"):
-                yield pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
-                continue
-            if message.HasField("batch"):
-                reply = await self._session_batch(message.batch, tenant)
-                if steps:
-                    reply.results.extend((await self._step_many(steps, tenant)).results)
-            elif len(steps) == 1:  # the common case, without step_many's lists
-                try:
-                    model, version, seq, x, start, end, checked = self._step_x(steps[0])
-                    y, pos = await sessions.step_with_position(
-                        model, version, seq, x, start=start, end=end, tenant=tenant,
-                        checked=checked, expect=expected_of(steps[0]))
-                    reply = pb.StreamStepsResponse()
-                    r = reply.results.add(position=pos)
-                    r.y.shape[:] = y.shape
-                    r.y.float_data[:] = y.ravel().tolist()
-                except Exception as exc:  # noqa: BLE001 - reported on this step only
-                    reply = pb.StreamStepsResponse(results=[_error_result(exc)])
-            else:
-                reply = await self._step_many(steps, tenant)
-            latency.observe(time.perf_counter() - t0)
-            yield reply
+        # serving.errors.stream written inline: its extra async-generator layer
+        # cost every message a resume and a yield
+        try:
+            tenant = tenant_of(context)
+            sessions = self.sessions
+            latency = self._stream_latency
+            async for message in request_iterator:
+                t0 = time.perf_counter()
+                steps = message.steps
+                batch = message.HasField("batch")
+                if not steps and not batch:
+                    yield pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
+                    continue
+                if batch:
+                    reply = await self._session_batch(message.batch, tenant)
+                    if steps:
+                        reply.results.extend((await self._step_many(steps, tenant)).results)
+                elif len(steps) == 1:  # the common case, without step_many's lists
+                    s = steps[0]
+                    try:
+                        model, version, seq, x, start, end, checked = self._step_x(s)
+                        y, pos = await sessions.step_with_position(
+                            model, version, seq, x, start=start, end=end, tenant=tenant,
+                            checked=checked,
+                            expect=s.expected_position if s.HasField("expected_position") else None)
+                        reply = pb.StreamStepsResponse()
+                        r = reply.results.add(position=pos)
+                        ry = r.y
+                        ry.shape.extend(y.shape)  # (T, out)
+                        ry.float_data.extend(y.ravel().tolist())
+                    except Exception as exc:  # noqa: BLE001 - reported on this step only
+                        reply = pb.StreamStepsResponse(results=[_error_result(exc)])
+                else:
+                    reply = await self._step_many(steps, tenant)
+                latency.observe(time.perf_counter() - t0)
+                yield reply
+        except AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ends the stream with its status
+            await errors.end_stream(context, exc, "StreamSteps")
+        errors.stream_ok("StreamSteps")
 
     def _gather_rows(self, steps):
         """A multiplexed message of one-step inputs for one model, as arrays.
@@ -360,19 +374,23 @@ def _one_float_step(s: pb.StepRequest, info) -> np.ndarray | None:
     """The common step, one float vector of finite values, as (1, F) float32.
 
     None for anything else: the general path checks it and names the problem.
-    Checking the few values in Python is cheaper than numpy's per-call cost.
+    Checking the few values in Python is cheaper than numpy's per-call cost;
+    one isfinite of their sum stands for all of them (a NaN or an Inf makes
+    the sum non-finite; a sum that overflows merely takes the general path).
     """
     t = s.x
     data = t.float_data
     F = info.input_features
-    if len(data) != F or info.input_kind != "float" or s.text or len(t.int64_data) or F > 16:
+    if len(data) != F or F > 16 or info.input_kind != "float" or s.text or len(t.int64_data):
         return None
-    if t.shape and list(t.shape) not in ([F], [1, F]):
+    shape = t.shape
+    n = len(shape)
+    if n and not ((n == 1 and shape[0] == F) or (n == 2 and shape[0] == 1 and shape[1] == F)):
         return None
-    for v in data:
-        if not isfinite(v):
-            return None
-    return np.array(data, np.float32).reshape(1, F)
+    vals = list(data)
+    if not isfinite(sum(vals)):
+        return None
+    return np.array((vals,), np.float32)  # (1, F)
 
 
 def _error_result(exc: BaseException, position: int = 0) -> pb.StepResponse:
