@@ -10,6 +10,8 @@ API
       .encode(text) -> list[int]          needs a vocabulary (unknown -> UNK_ID)
       .decode(ids) -> list[str]
       .to_dict() -> dict                  JSON-able settings, goes to metadata
+      pretokenized="whitespace"           split on spaces only (pre-tokenised corpora, NER)
+      unknown="word_shape"                unknown words -> word_shape(token) ids (NER)
       Tokenizer.from_metadata(tokenizer_dict, vocab_list) -> Tokenizer
   Vocab.build(token_lists, min_freq=2, max_size=None) -> Vocab   (training split only!)
       .encode(tokens) / .decode(ids) / .to_list() / Vocab.from_list(tokens)
@@ -40,6 +42,35 @@ UNK_ID = 1
 _WORD = r"[^\W_]+(?:'[^\W_]+)*"
 _WORDS_AND_MARKS = re.compile(_WORD + r"|[^\w\s]|_")
 _WORDS_ONLY = re.compile(_WORD)
+
+SHAPE_PREFIX = "<shape:"
+_URL = re.compile(r"^(https?://|www\.)", re.I)
+
+
+def word_shape(token: str, prefix: str = SHAPE_PREFIX) -> str:
+    """A coarse class of a word's surface form, standing in for an unknown word.
+
+    An unknown capitalised word is a likely entity, an unknown lower-case one
+    is not: taggers keep that signal where a single <unk> would lose it. The
+    same rule runs at training time (training/nerdata.py) and on the server.
+    """
+    if _URL.match(token):
+        kind = "url"
+    elif token.startswith("@") and len(token) > 1:
+        kind = "@"
+    elif token.startswith("#") and len(token) > 1:
+        kind = "#"
+    elif any(ch.isdigit() for ch in token):
+        kind = "d"
+    elif token.isupper() and any(ch.isalpha() for ch in token):
+        kind = "X"
+    elif token[:1].isupper():
+        kind = "Xx"
+    elif any(ch.isalpha() for ch in token):
+        kind = "x"
+    else:
+        kind = "."
+    return f"{prefix}{kind}>"
 
 
 class Vocab:
@@ -110,26 +141,43 @@ class Tokenizer:
     KIND = "words-v1"
 
     def __init__(self, lowercase: bool = True, split_punctuation: bool = True,
-                 vocab: Vocab | None = None):
+                 vocab: Vocab | None = None, *, pretokenized: str | None = None,
+                 unknown: str = "unk", shape_prefix: str = SHAPE_PREFIX):
+        if pretokenized not in (None, "whitespace"):
+            raise ValueError(f"pretokenized must be None or 'whitespace', got {pretokenized!r}")
+        if unknown not in ("unk", "word_shape"):
+            raise ValueError(f"unknown must be 'unk' or 'word_shape', got {unknown!r}")
         self.lowercase = lowercase
         self.split_punctuation = split_punctuation
         self.vocab = vocab
+        self.pretokenized = pretokenized  # "whitespace": tokens are split on spaces only
+        self.unknown = unknown  # "word_shape": an unknown word becomes its shape token
+        self.shape_prefix = shape_prefix
 
     def tokenize(self, text: str) -> list[str]:
         if not isinstance(text, str):
             raise ValueError(f"text must be a string, got {type(text).__name__}")
         if self.lowercase:
             text = text.lower()
+        if self.pretokenized == "whitespace":
+            return text.split()
         pattern = _WORDS_AND_MARKS if self.split_punctuation else _WORDS_ONLY
         return pattern.findall(text)
 
     def with_vocab(self, vocab: Vocab) -> "Tokenizer":
-        return Tokenizer(self.lowercase, self.split_punctuation, vocab)
+        return Tokenizer(self.lowercase, self.split_punctuation, vocab,
+                         pretokenized=self.pretokenized, unknown=self.unknown,
+                         shape_prefix=self.shape_prefix)
 
     def encode(self, text: str) -> list[int]:
         if self.vocab is None:
             raise ValueError("this tokenizer has no vocabulary: build one with Vocab.build")
-        return self.vocab.encode(self.tokenize(text))
+        tokens = self.tokenize(text)
+        ids = self.vocab.encode(tokens)
+        if self.unknown == "word_shape":  # unknown word -> its shape, when the vocabulary has it
+            ids = [self.vocab.encode([word_shape(t, self.shape_prefix)])[0] if i == UNK_ID else i
+                   for t, i in zip(tokens, ids)]
+        return ids
 
     def decode(self, ids: Iterable[int]) -> list[str]:
         if self.vocab is None:
@@ -146,6 +194,9 @@ class Tokenizer:
             "unk": UNK,
             "pad_id": PAD_ID,
             "unk_id": UNK_ID,
+            "pretokenized": self.pretokenized,
+            "unknown": self.unknown,
+            "shape_prefix": self.shape_prefix,
         }
 
     @classmethod
@@ -158,7 +209,10 @@ class Tokenizer:
             raise ValueError(f"unknown tokenizer kind {kind!r} (this build reads {cls.KIND!r})")
         voc = Vocab.from_list(vocab) if vocab is not None else None
         return cls(bool(tokenizer.get("lowercase", True)),
-                   bool(tokenizer.get("split_punctuation", True)), voc)
+                   bool(tokenizer.get("split_punctuation", True)), voc,
+                   pretokenized=tokenizer.get("pretokenized"),
+                   unknown=tokenizer.get("unknown") or "unk",
+                   shape_prefix=tokenizer.get("shape_prefix") or SHAPE_PREFIX)
 
 
 def pad_batch(id_lists: list[list[int]], pad_id: int = PAD_ID) -> tuple[list[list[int]], list[int]]:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 import random
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqserve.text import UNK_ID, Vocab
+from seqserve.text import SHAPE_PREFIX, UNK_ID, Vocab, word_shape  # noqa: F401 (re-exported)
 
 OUTSIDE = "O"
-SHAPE_PREFIX = "<shape:"
 
 
 def corpus_path() -> Path:
@@ -64,31 +62,7 @@ def split(sentences: list, seed: int, fractions=(0.7, 0.15, 0.15)) -> tuple[list
     return pick(idx[:n_train]), pick(idx[n_train: n_train + n_val]), pick(idx[n_train + n_val:])
 
 
-# --- word shapes ----------------------------------------------------------------
-
-_URL = re.compile(r"^(https?://|www\.)", re.I)
-
-
-def word_shape(token: str) -> str:
-    """A coarse class of a word's surface form; the same rule at training and serving."""
-    if _URL.match(token):
-        kind = "url"
-    elif token.startswith("@") and len(token) > 1:
-        kind = "@"
-    elif token.startswith("#") and len(token) > 1:
-        kind = "#"
-    elif any(ch.isdigit() for ch in token):
-        kind = "d"
-    elif token.isupper() and any(ch.isalpha() for ch in token):
-        kind = "X"
-    elif token[:1].isupper():
-        kind = "Xx"
-    elif any(ch.isalpha() for ch in token):
-        kind = "x"
-    else:
-        kind = "."
-    return f"{SHAPE_PREFIX}{kind}>"
-
+# --- word shapes (the rule itself lives in seqserve/text.py: the server applies it too) --
 
 def build_vocab(train_tokens: list[list[str]], min_freq: int = 2) -> Vocab:
     """Frequent training words plus every word shape seen in training.

@@ -94,3 +94,21 @@ def test_tiny_bidirectional_run_writes_checkpoint_and_exports(tmp_path):
     assert meta["output_kind"] == "tag" and meta["directions"] == 2
     assert meta["labels"][0] == "O" and meta["output_names"] == meta["labels"]
     assert meta["vocab"][:2] == ["<pad>", "<unk>"] and meta["tokenizer"]["unknown"] == "word_shape"
+
+
+def test_server_tokenizer_from_metadata_encodes_like_training():
+    """The NER model's tokenizer settings, read back as a server would (torch-free
+    seqserve.text), give the ids training used: whitespace tokens, unknown words
+    as their shapes, <unk> when even the shape is unknown."""
+    from seqserve.text import Tokenizer
+
+    train = [["Obama", "visits", "NASA", "today"], ["@bob", "loves", "#tbt", "2pm"]]
+    vocab = nerdata.build_vocab(train, min_freq=1)
+    settings = Tokenizer(lowercase=False).to_dict()
+    settings.update(pretokenized="whitespace", unknown="word_shape", shape_prefix=nerdata.SHAPE_PREFIX)
+    tok = Tokenizer.from_metadata(settings, vocab.to_list())
+    sentence = ["Merkel", "visits", "ESA", "@alice", "tomorrow", "http://t.co/x", "!!"]
+    assert tok.encode(" ".join(sentence)) == nerdata.encode(sentence, vocab)
+    ids = tok.encode(" ".join(sentence))
+    assert vocab.decode(ids[:4]) == ["<shape:Xx>", "visits", "<shape:X>", "<shape:@>"]
+    assert ids[5] == vocab.unk_id  # no url was seen in training: no <shape:url> token
