@@ -276,19 +276,13 @@ def _check_interface(graph) -> None:
 
 
 def _infer_from_graph(proto) -> dict:
-    """Everything the convention lets us read off the graph itself."""
+    """Everything the convention lets us read off the graph itself.
+
+    Runs after _check_interface, which has already refused a missing x/h0/y/hn."""
     graph = proto.graph
     inits = {t.name: list(t.dims) for t in graph.initializer}
     inputs = {i.name: i for i in graph.input if i.name not in inits}
     outputs = {o.name: o for o in graph.output}
-    for name in ("x", "h0"):
-        if name not in inputs:
-            raise ArtifactError(f"missing input {name!r}: the convention's inputs are x, h0 and, for LSTM, c0 "
-                                f"(graph has {sorted(inputs)})")
-    for name in ("y", "hn"):
-        if name not in outputs:
-            raise ArtifactError(f"missing output {name!r}: the convention's outputs are y, hn and, for LSTM, cn "
-                                f"(graph has {sorted(outputs)})")
     op, nodes = _recurrent_nodes(graph)
     cell = CELL_OPS[op]
     want_in = ["x", "h0", "c0"] if cell == "lstm" else ["x", "h0"]

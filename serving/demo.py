@@ -10,7 +10,6 @@ one-step-ahead predictions and the rollout, and shuts the server down.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import subprocess
@@ -20,18 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from seqserve.synthetic import sine_series
 
-def held_out_sine(length: int, seed: int = 20261122, periods=(40.0, 7.0)) -> np.ndarray:
-    """A wave of the sine task's family (slow + fast sine, drifting amplitude)
-    with a seed the training run never used."""
-    rng = np.random.default_rng(seed)
-    p_lo, p_hi = periods
-    a_lo, a_hi = rng.uniform(0.7, 1.0), rng.uniform(0.25, 0.45)
-    ph_lo, ph_hi, ph_mod = rng.uniform(0, 2 * math.pi, size=3)
-    t = np.arange(length, dtype=np.float64)
-    drift = 1.0 + 0.25 * np.sin(2 * math.pi * t / (10.3 * p_lo) + ph_mod)
-    x = a_lo * drift * np.sin(2 * math.pi * t / p_lo + ph_lo) + a_hi * np.sin(2 * math.pi * t / p_hi + ph_hi)
-    return x.astype(np.float32)
+
+def held_out_sine(length: int, seed: int = 20261122) -> np.ndarray:
+    """A wave of the sine task's family with a seed the training run never used."""
+    return sine_series(length, seed).astype(np.float32)
 
 
 def _free_port() -> int:
