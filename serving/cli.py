@@ -11,6 +11,7 @@ non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -168,11 +169,49 @@ def predict_main(argv: list[str] | None = None) -> int:
     y = out["y"]  # (B, T, out)
     for b in range(y.shape[0]):
         label = a.text[b] if a.text else f"sequence {b}"
-        steps = range(lengths[b]) if a.all_steps or meta.output_kind == "tag" else [lengths[b] - 1]
         print(f"{label}:")
+        if meta.output_kind == "tag":
+            for line in tag_lines(meta, y[b, : lengths[b]], a.text[b] if a.text else None):
+                print(f"  {line}")
+            continue
+        steps = range(lengths[b]) if a.all_steps else [lengths[b] - 1]
         for t in steps:
             print(f"  step {t}: {describe(meta, y[b, t], a.top_k)}")
     return 0
+
+
+def tag_lines(meta, y: np.ndarray, text: str | None = None) -> list[str]:
+    """A tagged sequence y (T, tags) as lines: each token's tag, then the entities.
+
+    BIO labels are decoded to the most probable VALID tag sequence
+    (seqserve.tagging.decode_bio, as training reports); other labels per token.
+    """
+    from seqserve.tagging import decode_bio, entities
+
+    labels = list(meta.labels) or list(meta.output_names) or [str(i) for i in range(y.shape[-1])]
+    tokens = None
+    if text is not None:
+        from seqserve.text import Tokenizer
+
+        info = json.loads(meta.metadata_json or "{}")
+        tokens = Tokenizer.from_metadata(info.get("tokenizer"), list(meta.vocab)).tokenize(text)
+        tokens = tokens if len(tokens) == len(y) else None
+    try:
+        ids = decode_bio(y, labels)
+        bio = True
+    except ValueError:  # labels that are not BIO tags
+        ids, bio = y.argmax(-1).tolist(), False
+    lines = []
+    for t, i in enumerate(ids):
+        p = _softmax(y[t])[i]
+        word = f"{tokens[t]!r} " if tokens else ""
+        lines.append(f"step {t}: {word}{labels[i]} {p:.3f}")
+    if bio:
+        found = entities([labels[i] for i in ids], tokens)
+        lines.append("entities: " + (", ".join(
+            f"{e['type']} {e['text']!r}" if "text" in e else f"{e['type']} [{e['start']}, {e['end']})"
+            for e in found) or "none"))
+    return lines
 
 
 # ---- stream ----------------------------------------------------------------------------

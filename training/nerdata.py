@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from seqserve.tagging import entities
 from seqserve.text import SHAPE_PREFIX, UNK_ID, Vocab, word_shape  # noqa: F401 (re-exported)
 
 OUTSIDE = "O"
@@ -106,21 +107,9 @@ def spans(tags: list[str]) -> list[tuple[str, int, int]]:
 
     CoNLL rules (as conlleval and seqeval's default mode): an entity starts at
     B-X, or at an I-X that follows O or a different type; it continues through
-    I-X of the same type.
+    I-X of the same type. (seqserve.tagging.entities, as tuples.)
     """
-    out = []
-    kind, start = None, 0
-    for i, tag in enumerate(list(tags) + [OUTSIDE]):
-        prefix, _, typ = tag.partition("-")
-        if prefix not in ("B", "I", OUTSIDE) or (prefix != OUTSIDE and not typ):
-            raise ValueError(f"not a BIO tag: {tag!r}")
-        continues = prefix == "I" and typ == kind
-        if kind is not None and not continues:
-            out.append((kind, start, i))
-            kind = None
-        if prefix in ("B", "I") and not continues:
-            kind, start = typ, i
-    return out
+    return [(e["type"], e["start"], e["end"]) for e in entities(tags)]
 
 
 # --- memorisation baseline ------------------------------------------------------

@@ -20,11 +20,12 @@ from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 
 VOCAB = ["<pad>", "<unk>", "the", "cat", "sat", "on", "mat", ".", "a", "dog", "ran", "far"]
+TAGS = ["O", "B-person", "I-person", "B-geo-loc", "I-geo-loc"]
 
 
 def export_random(repo: Path, name: str, *, cell="lstm", input_size=3, output_size=3,
                   hidden=16, layers=2, head="regression", vocab=None, bidirectional=False,
-                  seed=0, version=1) -> Path:
+                  seed=0, version=1, labels=None) -> Path:
     """A random-weight SequenceModel exported to REPO/NAME/VERSION/model.onnx."""
     import torch
 
@@ -40,6 +41,8 @@ def export_random(repo: Path, name: str, *, cell="lstm", input_size=3, output_si
     if vocab:
         from seqserve.text import Tokenizer
         extra = {"vocab": list(vocab), "tokenizer": Tokenizer().to_dict()}
+    if labels:
+        extra["labels"] = list(labels)
     ckpt = Checkpoint(model=cfg.to_dict(), task={"name": "test"}, train={}, extra=extra)
     path = repo / name / str(version) / "model.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +60,8 @@ def model_repo(tmp_path_factory) -> Path:
     export_random(repo, "lm", cell="lstm", head="lm", vocab=VOCAB, output_size=len(VOCAB), seed=4,
                   layers=1)
     export_random(repo, "bi", cell="gru", bidirectional=True, seed=5, layers=1)
+    export_random(repo, "tagger", cell="lstm", head="tag", vocab=VOCAB, bidirectional=True, seed=6,
+                  layers=1, labels=TAGS, output_size=len(TAGS))
     return repo
 
 
@@ -188,4 +193,4 @@ def kit():
 
     return SimpleNamespace(step_request=step_request, array=array, ort_reference=ort_reference,
                            start_server=start_server, export_random=export_random,
-                           free_port=free_port, VOCAB=VOCAB)
+                           free_port=free_port, VOCAB=VOCAB, TAGS=TAGS)

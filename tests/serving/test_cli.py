@@ -60,3 +60,23 @@ def test_cli_errors_are_one_line(server, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = _run(["predict", "--target", server.target, "--model", "gru", "--input", str(tmp_path / "no.npy")])
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_predict_text_on_a_tagger_prints_valid_bio_tags_and_entities(server, model_repo, kit):
+    """Tags come from the BIO-constrained decoding of ONNX Runtime's scores (the
+    decoder is checked against brute force in tests/training/test_tagging.py)."""
+    from seqserve.tagging import decode_bio, entities
+
+    text = "the cat sat on a mat far"
+    r = _run(["predict", "--target", server.target, "--model", "tagger", "--text", text])
+    assert r.returncode == 0, r.stderr
+    ids = np.array([[kit.VOCAB.index(w) for w in text.split()]], np.int64)
+    y = kit.ort_reference(model_repo / "tagger/1/model.onnx", ids)["y"][0]  # (T, tags)
+    want = [kit.TAGS[i] for i in decode_bio(y, kit.TAGS)]
+    lines = r.stdout.splitlines()
+    got = [l.split()[3] for l in lines if l.strip().startswith("step ")]
+    assert got == want
+    words = [l.split()[2].strip("'") for l in lines if l.strip().startswith("step ")]
+    assert words == text.split()
+    found = entities(want, text.split())
+    assert lines[-1].strip() == "entities: " + (", ".join(f"{e['type']} {e['text']!r}" for e in found) or "none")

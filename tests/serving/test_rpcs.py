@@ -16,7 +16,7 @@ def client(server):
 
 def test_list_models_and_metadata(client):
     models = {m.name: m for m in client.list_models()}
-    assert set(models) == {"lstm", "gru", "rnn", "lm", "bi"}
+    assert set(models) == {"lstm", "gru", "rnn", "lm", "bi", "tagger"}
     assert models["lstm"].can_stream and not models["bi"].can_stream
     meta = client.metadata("lstm")
     assert (meta.cell, meta.layers, meta.hidden, meta.input_features) == ("lstm", 2, 16, 3)
