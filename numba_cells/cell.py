@@ -147,6 +147,9 @@ class Cell:
         self.capacity = capacity
         self._tokens = spec.input_kind == "tokens"
         self._F = spec.input_features
+        # step_one's reused slot array, and the input dtype its fast path takes
+        self._one = np.zeros(1, np.int64)
+        self._fast = None if self.device != "cpu" else np.dtype(np.int64 if self._tokens else np.float32)
         self._state.warm_up()
 
     # ------------------------------------------------------------ stepping
@@ -170,20 +173,51 @@ class Cell:
             return np.zeros((B, T, self.spec.output_size), np.float32)
         return self._run(x, tok, slots, B, T)
 
+    def step_one(self, x, slot: int):
+        """One session's next step: the serving layer's lone-step path.
+
+        x (1, F) float32 or (1,) int64 ids; slot an int -> y (1, out) float32.
+        The same arithmetic as step(x, [slot]) without its per-call Python
+        checks and allocations (the slot array is reused); the kernel still
+        checks the slot range and token ids. Anything unusual (another
+        dtype, a non-contiguous x, the CUDA cell) goes through step().
+        """
+        st = self._state
+        if self._fast is None or x.dtype != self._fast or not x.flags.c_contiguous:
+            return self.step(x, (slot,))
+        one = self._one
+        one[0] = slot
+        if self._tokens:
+            if x.shape != (1,):
+                return self.step(x, (slot,))
+            xin, tok = st._dummy_x, x.reshape(1, 1)
+        else:
+            if x.shape != (1, self._F):
+                return self.step(x, (slot,))
+            xin, tok = x.reshape(1, 1, self._F), st._dummy_tok
+        y = np.empty((1, 1, self.spec.output_size), np.float32)
+        code, row = st.serial(xin, tok, one, st.h, st.c, y, st.params, st.meta, st.seen)
+        if code:
+            self._fail(code, row, one, tok)
+        return y.reshape(1, self.spec.output_size)
+
     def _run(self, x, tok, slots, B, T):
         y, code, row = self._state.advance(x, tok, slots, B, T)
         if code:
-            from numba_cells.cpu import ERR_SLOT_DUP, ERR_SLOT_RANGE
-            if code == ERR_SLOT_RANGE:
-                raise CellError(f"slot {int(slots[row])} (row {row}) is out of range "
-                                f"[0, {self.capacity})")
-            if code == ERR_SLOT_DUP:
-                raise CellError(f"slot {int(slots[row])} appears more than once in the batch "
-                                f"(again at row {row}): one step per session per call")
-            bad = tok[row][(tok[row] < 0) | (tok[row] >= self._F)]
-            raise CellError(f"token id {int(bad[0])} (row {row}) is outside the vocabulary "
-                            f"of {self._F}")
+            self._fail(code, row, slots, tok)
         return y
+
+    def _fail(self, code, row, slots, tok):
+        from numba_cells.cpu import ERR_SLOT_DUP, ERR_SLOT_RANGE
+        if code == ERR_SLOT_RANGE:
+            raise CellError(f"slot {int(slots[row])} (row {row}) is out of range "
+                            f"[0, {self.capacity})")
+        if code == ERR_SLOT_DUP:
+            raise CellError(f"slot {int(slots[row])} appears more than once in the batch "
+                            f"(again at row {row}): one step per session per call")
+        bad = tok[row][(tok[row] < 0) | (tok[row] >= self._F)]
+        raise CellError(f"token id {int(bad[0])} (row {row}) is outside the vocabulary "
+                        f"of {self._F}")
 
     def _slots(self, slots) -> np.ndarray:
         s = np.asarray(slots)

@@ -345,8 +345,11 @@ class SessionManager:
             ms.batching = True  # probe again: load may have changed
         quiet = not ms.pending and (not ms.batching or now - ms.last_arrival > BATCH_WINDOW_S)
         ms.last_arrival = now
-        if quiet and call.future is None:
-            self._run_round(ms, [item])  # inline: see the module doc
+        if quiet and call.future is None:  # inline: see the module doc
+            if item.expect < 0 and not restart and x.shape[0] == 1:
+                self._run_singles(ms, (item,))  # the lone plain step: nothing else to decide
+            else:
+                self._run_round(ms, [item])
         else:
             self._enqueue(ms, item)
 
@@ -676,7 +679,7 @@ class SessionManager:
             it = items[0]
             slot = it.slot
             try:
-                y = ms.cell.step(it.x, np.array((slot,), np.int64))  # (1, out)
+                y = ms.cell.step_one(it.x, slot)  # (1, out)
             except Exception as exc:  # noqa: BLE001
                 log.exception("cell step failed for model %s", ms.info.name)
                 self._done(ms, it, exc)

@@ -153,3 +153,31 @@ def test_token_errors(model_file):
 def test_empty_batch(cell):
     assert cell.step(np.zeros((0, 3), np.float32), np.zeros(0, np.int64)).shape == (0, 2)
     assert cell.step_chunk(np.zeros((2, 0, 3), np.float32), np.array([0, 1])).shape == (2, 0, 2)
+
+
+def test_step_one_equals_step_and_keeps_the_checks(cell, model_file):
+    """The serving layer's lone-step path gives step()'s numbers, state and errors."""
+    twin = load_cell(model_file("torch", cell=cell.spec.cell, layers=2, hidden=16, features=3),
+                     device="cpu", capacity=8)
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        x = rng.standard_normal((1, 3)).astype(np.float32)
+        np.testing.assert_array_equal(cell.step_one(x, 3), twin.step(x, np.array([3])))
+    np.testing.assert_array_equal(cell.read(3)["h"], twin.read(3)["h"])
+    # another dtype or layout takes step()'s path, with its conversions and checks
+    x64 = rng.standard_normal((1, 3))
+    np.testing.assert_array_equal(cell.step_one(x64, 4), twin.step(x64.astype(np.float32), np.array([4])))
+    with pytest.raises(CellError, match="out of range"):
+        cell.step_one(np.zeros((1, 3), np.float32), 8)
+    with pytest.raises(CellError, match=r"x must have shape \(B, 3\)"):
+        cell.step_one(np.zeros((1, 2), np.float32), 0)
+
+
+def test_step_one_tokens(model_file):
+    path = model_file("torch", cell="lstm", layers=1, hidden=8, vocab=20, embed=4)
+    a, b = load_cell(path, device="cpu", capacity=4), load_cell(path, device="cpu", capacity=4)
+    for tok in (3, 7, 19):
+        np.testing.assert_array_equal(a.step_one(np.array([tok], np.int64), 1), b.step(np.array([tok]), [1]))
+    with pytest.raises(CellError, match="token id 20 .*vocabulary of 20"):
+        a.step_one(np.array([20], np.int64), 1)
+    np.testing.assert_array_equal(a.read(1)["h"], b.read(1)["h"])  # the refused step changed nothing
