@@ -14,8 +14,8 @@ whole validation / test stream with the state carried (batch 10, as usual
 for PTB). The n-gram baseline (training/ngram.py) is scored on the same
 stream for comparison.
 
-    python -m training.lm --out runs/ptb-lstm --budget-s 1680
-    seqserve train --task lm --out runs/ptb-lstm --budget-s 1680
+    python -m training.lm --out runs/ptb-lstm            # 28 min of training (--budget-s 1680)
+    seqserve train --task lm --out runs/ptb-lstm
 """
 from __future__ import annotations
 
@@ -42,12 +42,13 @@ EVAL_BATCH = 10
 PROMPT = "i want to buy a"
 PROBE_WORDS = ("money", "company", "stock", "week", "buy", "president", "japan", "up")
 
-# Defaults = the measured run in docs/LM_NER.md (2-core shared CPU): the 10k-way
-# softmax dominates the cost, so width beyond 256 is expensive; one thread,
-# because on an oversubscribed machine 2 threads measured 2-4x slower.
+# Defaults = the measured run in docs/LM_NER.md (2-core CPU, idle): the 10k-way
+# softmax dominates the cost, so width beyond 256 is expensive. Two threads
+# on an idle 2-core machine (5,400 tokens/s vs 2,600 with one); on a machine
+# other jobs oversubscribe, pass --threads 1 (2 threads measured 2-4x slower there).
 LM_DEFAULTS = dict(cell="lstm", layers=1, hidden=256, embed_dim=256, epochs=40, seed=0, lr=2.5e-3,
-                batch_size=32, dropout=0.3, budget_s=None, device="cpu", min_freq=1,
-                max_examples=None, bptt=35, clip=0.5, threads=1, budget_kind="wall", wall_cap_s=None)
+                batch_size=20, dropout=0.25, budget_s=1680, device="cpu", min_freq=1,
+                max_examples=None, bptt=35, clip=0.5, threads=2, budget_kind="wall", wall_cap_s=None)
 DEFAULTS = {"lm": LM_DEFAULTS}  # training/cli.py fills absent flags from DEFAULTS[task]
 
 

@@ -131,3 +131,15 @@ def test_dynamo_exporter_is_not_used(new_model):
         dims = vi.type.tensor_type.shape.dim
         assert [d.dim_param for d in dims[:2]] == ["batch", "time"]
         assert dims[2].dim_value == 2
+
+
+def test_gate_units_scale_unbounded_values_only():
+    """y logits and the LSTM cell state are compared relative to max(1, max|value|);
+    hn (bounded by 1) raw, so a real hn mismatch still fails the gate."""
+    want = {"y": np.array([[30.0, -2.0]]), "hn": np.array([0.9, -0.5]), "cn": np.array([18.0, 0.5])}
+    got = {"y": want["y"] + 3e-5, "hn": want["hn"].copy(), "cn": want["cn"] + 3e-5}
+    err, raw = export._max_err(got, want, scale=None)
+    assert raw == pytest.approx(3e-5) and err == pytest.approx(3e-5 / 18.0)  # cn: / max|cn|
+    got["hn"] = want["hn"] + 3e-5
+    err, _ = export._max_err(got, want, scale=None)
+    assert err == pytest.approx(3e-5) and err > export.PARITY_TOL
