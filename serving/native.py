@@ -25,10 +25,6 @@ from serving.tensors import from_array, step_input, to_array
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
-# Predict inputs larger than this run in a worker thread (ORT releases the
-# GIL), so one big batch does not stall every stream on the event loop.
-_INLINE_PREDICT_VALUES = 1 << 14
-
 _OK = 0
 
 
@@ -102,10 +98,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         x = to_array(request.x, "x")
         h0 = to_array(request.h0, "h0") if request.HasField("h0") else None
         c0 = to_array(request.c0, "c0") if request.HasField("c0") else None
-        if x.size > _INLINE_PREDICT_VALUES:
-            out = await self._predict_in_thread(m, x, h0, c0, deadline_of(context))
-        else:
+        if x.ndim < 2 or m.ort.runs_inline(x):  # a malformed x is refused inline, at once
             out = m.ort.predict(x, h0, c0)
+        else:  # big work: a worker thread, so every stream keeps moving
+            out = await self._predict_in_thread(m, x, h0, c0, deadline_of(context))
         reply = pb.PredictResponse(model=m.name, version=m.version, y=from_array(out["y"]),
                                    hn=from_array(out["hn"]))
         if "cn" in out:

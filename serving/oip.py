@@ -48,8 +48,6 @@ EXTENSIONS = ("sequence",)
 STREAM_METHOD = "oip.ModelStreamInfer"
 STREAM_IN_FLIGHT = 1024
 """Requests one ModelStreamInfer stream may have in progress before we stop reading it."""
-INLINE_PREDICT_VALUES = 1 << 14
-"""Larger stateless inputs run ONNX Runtime on a worker thread (same rule as native Predict)."""
 
 
 def _version(text: str) -> int | None:
@@ -191,12 +189,10 @@ class InferenceServicer:
         _, specs = codec.model_specs(model.info)
         names = codec.requested_outputs(model.name, request, [s.name for s in specs])
         args = inputs["x"], inputs.get("h0"), inputs.get("c0")
-        if inputs["x"].size > INLINE_PREDICT_VALUES:
-            # a big batch would hold up every stream on the event loop; ORT
-            # releases the GIL, so a worker thread keeps them moving
-            outputs = await asyncio.to_thread(model.ort.predict, *args)
-        else:
+        if model.ort.runs_inline(inputs["x"]):
             outputs = model.ort.predict(*args)
+        else:  # big work would hold up every stream on the event loop (see OrtModel.runs_inline)
+            outputs = await asyncio.to_thread(model.ort.predict, *args)
         return outputs, names
 
     async def _step(self, model, request, control, response, tenant, deadline=None):

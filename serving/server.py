@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
-from serving import metrics
+from serving import bulk, metrics
 from serving.auth import AuthInterceptor, TokenTable
 from serving.guard import Guarded
 from serving.native import SERVICE, InferenceServicer
@@ -80,6 +80,7 @@ class Server:
             max_per_tenant=settings.max_sessions_per_tenant, max_queue=settings.max_queue)
         self.health = health.aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
+        self.bulk = None  # the low-priority default executor, set in start()
         self.port = 0
         self.metrics_http = None
         self.last_snapshot = 0.0
@@ -92,6 +93,8 @@ class Server:
 
     async def start(self) -> int:
         s = self.settings
+        # model loading and big Predicts run below the event loop's priority (serving/bulk.py)
+        self.bulk = bulk.install(asyncio.get_running_loop(), s.bulk_nice)
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0)]

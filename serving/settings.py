@@ -39,6 +39,8 @@ class Settings:
     """RPCs (a stream counts as one) the server runs at once; more get RESOURCE_EXHAUSTED (0: no limit)."""
     max_predict_inflight: int = 64
     """Predict calls per model running at once; more get RESOURCE_EXHAUSTED."""
+    bulk_nice: int = 5
+    """Nice value added to the worker threads of bulk work (model loading, so ONNX Runtime's pools, and big Predict calls): the event loop keeps the CPU under overload (0: same priority)."""
     max_steps_per_request: int = 4096
     """Most steps one request may carry (chunk length, rollout length, steps per stream message)."""
     max_message_bytes: int = 64 * 1024 * 1024
@@ -82,6 +84,8 @@ class Settings:
             from serving.auth import check_token_file
 
             check_token_file(self.auth_tokens)
+        if not 0 <= self.bulk_nice <= 19:
+            raise ValueError(f"--bulk-nice must be 0..19, got {self.bulk_nice}")
         if self.session_idle_s <= 0:
             raise ValueError("--session-idle-s must be positive")
         self.pins()  # raises on a malformed NAME:VERSION

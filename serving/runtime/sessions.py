@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import numpy as np
@@ -47,7 +48,7 @@ log = logging.getLogger("seqserve.sessions")
 # Arrivals closer together than this are treated as concurrent load and
 # queued for batching; a client stepping alone (one round trip, >= ~200 us,
 # apart) always runs inline.
-BATCH_WINDOW_S = 100e-6
+BATCH_WINDOW_S = float(os.environ.get("SEQSERVE_BATCH_WINDOW_US", "100")) * 1e-6
 PROBE_FLUSHES = 64  # flushes judged per probe
 PROBE_EVERY_S = 1.0  # how often queueing is re-tried once it did not pay
 PAYS_MEAN_BATCH = 1.5  # mean steps per flush that make queueing worth it

@@ -119,3 +119,36 @@ def test_limits_come_from_flags_and_environment():
                         (["--auth-tokens", "/nonexistent.json"], "no such file")):
         with pytest.raises(ValueError, match=words):
             from_args(argv, env={})
+
+
+def test_big_predicts_run_off_the_loop_and_are_bounded(model_repo, kit):
+    """Work above OrtModel.runs_inline's bound runs in a worker thread, at most
+    --max-predict-inflight per model; more are refused at once. Small Predicts
+    stay inline."""
+    running = kit.start_server(repo=str(model_repo), max_predict_inflight=1)
+    try:
+        ort_model = running.server.registry.get(MODEL).ort
+        small_x = np.ones((1, 5, F), np.float32)
+        big = np.random.default_rng(0).standard_normal((64, 1000, F)).astype(np.float32)
+        assert ort_model.runs_inline(small_x) and not ort_model.runs_inline(big)
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(running.target) as ch:
+                predict = ch.unary_unary("/seqserve.v1.Inference/Predict",
+                                         request_serializer=pb.PredictRequest.SerializeToString,
+                                         response_deserializer=pb.PredictResponse.FromString)
+                req = pb.PredictRequest(model=MODEL, x=pb.Tensor(shape=big.shape, float_data=big.ravel()))
+                calls = [predict(req) for _ in range(6)]
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            return outcomes
+
+        outcomes = asyncio.run(scenario())
+        ok = [o for o in outcomes if isinstance(o, pb.PredictResponse)]
+        refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(ok) + len(refused) == 6 and ok and refused
+        assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert "--max-predict-inflight" in refused[0].details()
+        want = kit.ort_reference(model_repo / f"{MODEL}/1/model.onnx", big)["y"]
+        assert np.abs(kit.array(ok[0].y) - want).max() < 1e-4
+    finally:
+        running.stop()
