@@ -230,6 +230,45 @@ async def _overload_load(target, model, features, concurrency, seconds, interval
     return rows
 
 
+async def _probe(target, model, features, seconds, every_s=0.02, batch=(32, 256)) -> dict:
+    """One Predict every `every_s` from a fresh, otherwise idle client: what a
+    newcomer meets while the load runs (its latencies carry none of the load
+    generator's own queueing)."""
+    B, T = batch
+    x = np.random.default_rng(1).normal(size=(B, T, features)).astype(np.float32)
+    data = pb.PredictRequest(model=model, x=pb.Tensor(shape=x.shape, float_data=x.ravel())).SerializeToString()
+    out = {"ok_us": [], "refused_us": [], "errors": 0}
+    async with grpc.aio.insecure_channel(target) as ch:
+        predict = ch.unary_unary("/seqserve.v1.Inference/Predict")
+        stop = time.monotonic() + seconds
+        while time.monotonic() < stop:
+            t0 = time.perf_counter_ns()
+            try:
+                await predict(data, timeout=60)
+                out["ok_us"].append((time.perf_counter_ns() - t0) / 1e3)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    out["refused_us"].append((time.perf_counter_ns() - t0) / 1e3)
+                else:
+                    out["errors"] += 1
+            await asyncio.sleep(every_s)
+    return out
+
+
+def _start_probe(target, model, features, seconds, delay_s=2.0) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "serving.soak", "probe", target, model, str(features),
+                             str(seconds), str(delay_s)], stdout=subprocess.PIPE, text=True)
+
+
+def _probe_summary(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate(timeout=120)
+    got = json.loads(out)
+    pct = lambda xs, q: round(float(np.percentile(xs, q)), 1) if xs else None
+    return {"ok": len(got["ok_us"]), "ok_p50_us": pct(got["ok_us"], 50),
+            "refused": len(got["refused_us"]), "refused_p50_us": pct(got["refused_us"], 50),
+            "refused_p99_us": pct(got["refused_us"], 99), "errors": got["errors"]}
+
+
 def _median(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return round(float(np.median(xs)), 1) if xs else None
@@ -247,8 +286,12 @@ def overload(repo, model, minutes, interval_s, concurrency, limit, log=print) ->
             features = _features(target, model)
             log(f"overload, {name} ({' '.join(extra)}): {concurrency} concurrent Predict "
                 f"callers, x (32, 256, {features})")
+            seconds = minutes * 30
+            probe = _start_probe(target, model, features, max(1.0, seconds - 4))
             rows = asyncio.run(_overload_load(target, model, features, concurrency,
-                                              minutes * 30, interval_s, proc.pid, log))
+                                              seconds, interval_s, proc.pid, log))
+            probed = _probe_summary(probe)
+            log(f"  probe (a separate idle client, one Predict per 20 ms): {probed}")
         finally:
             stop_server(proc)
         ok = [r for r in rows[1:] or rows]
@@ -260,6 +303,7 @@ def overload(repo, model, minutes, interval_s, concurrency, limit, log=print) ->
             "refused_p50_us_median": _median([r.get("refused_p50_us") for r in ok]),
             "refused_p99_us_median": _median([r.get("refused_p99_us") for r in ok]),
             "ok_steps_per_s_median": round(float(np.median([r["steps_per_s"] for r in ok])), 1),
+            "probe": probed,
         }
     return {"mode": "overload", "model": model, "concurrency": concurrency, "limit": limit,
             "phases": phases}
@@ -353,7 +397,17 @@ def kill9(repo, model, seconds, snapshot_s, sessions, log=print) -> dict:
 
 # ---- command line -----------------------------------------------------------------------------
 
+def _probe_main(argv: list[str]) -> int:
+    target, model, features, seconds, delay = argv
+    time.sleep(float(delay))  # let the load build up first
+    print(json.dumps(asyncio.run(_probe(target, model, int(features), float(seconds)))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["probe"]:
+        return _probe_main(argv[1:])
     p = argparse.ArgumentParser(prog="seqserve bench soak", description=__doc__.splitlines()[0])
     p.add_argument("--repo", default="model_repository")
     p.add_argument("--model", default="sine-lstm")
