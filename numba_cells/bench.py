@@ -7,7 +7,8 @@ call that advances B sessions by one step with their state carried between
 calls, and report the median per call (`step_us`) and session-steps per second
 (`steps_per_s` = B / median).
 
-  numba-cpu      numba_cells Cell.step (state resident in slot arrays)
+  numba-cpu      numba_cells Cell.step (state resident in slot arrays); at B=1
+                 Cell.step_one, the call the server makes for a lone step
   ort-run        ONNX Runtime run() with T=1, state fed in and read out each call
   ort-iobinding  the same with IO binding (state stays in OrtValues, swapped)
   torch          PyTorch eager nn.LSTM + head, T=1, inference_mode
@@ -74,6 +75,8 @@ def numba_engine(path, B, device):
     cell = load_cell(path, device=device, capacity=max(B, 1))
     slots = np.arange(B, dtype=np.int64)
     x = np.random.default_rng(0).standard_normal((B, 1)).astype(np.float32)
+    if B == 1:  # a lone step: the call the server makes for it
+        return lambda: cell.step_one(x, 0)
     return lambda: cell.step(x, slots)
 
 
