@@ -216,6 +216,17 @@ def tag_lines(meta, y: np.ndarray, text: str | None = None) -> list[str]:
 
 # ---- stream ----------------------------------------------------------------------------
 
+def continuation(client, meta, sequence, a) -> str:
+    """The session rolled out a.continue_steps steps (left as it was), as one line."""
+    lm = meta.output_kind == "lm"
+    kw = dict(temperature=a.temperature, top_k=a.sample_top_k, seed=a.seed) if lm else {}
+    y, _, tokens = client.rollout(meta.name, sequence, a.continue_steps, tokens=True, **kw)
+    if lm:
+        vocab = list(meta.vocab)
+        return "continuation: " + " ".join(vocab[t] for t in tokens)
+    return "continuation: " + "; ".join(describe(meta, row) for row in y)
+
+
 def stream_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="seqserve stream",
@@ -225,7 +236,16 @@ def stream_main(argv: list[str] | None = None) -> int:
     add_connection_flags(p)
     p.add_argument("--top-k", type=int, default=3, help="next words / labels to show")
     p.add_argument("--keep", action="store_true", help="do not end the session at end of input")
+    g = p.add_argument_group("continuation (Rollout) at end of input")
+    g.add_argument("--continue", dest="continue_steps", type=int, default=0, metavar="N",
+                   help="then roll out N more steps from the session (a language model: N words)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="language models: 0 = greedy, > 0 = sample from softmax(logits / T)")
+    g.add_argument("--sample-top-k", type=int, default=0, help="sample among the K most probable words")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (repeatable continuation)")
     a = p.parse_args(argv)
+    if a.continue_steps < 0:
+        raise ValueError("--continue must be >= 0")
     import grpc
 
     from serving.client import StepError
@@ -259,6 +279,8 @@ def stream_main(argv: list[str] | None = None) -> int:
                         continue
                     started = True
                     print(describe(meta, y[-1], a.top_k), flush=True)
+            if started and a.continue_steps:
+                print(continuation(client, meta, sequence, a), flush=True)
             if started and not a.keep:
                 client.end_session(a.model, sequence)
     except grpc.RpcError as exc:

@@ -250,14 +250,21 @@ class Client:
     def stream(self, model: str) -> StepStream:
         return StepStream(self.stub, model, metadata=self.auth)
 
-    def rollout(self, model: str, sequence_id, steps: int, x=None, *, commit: bool = False):
-        """Closed-loop forecast: -> (y (steps, out), position)."""
-        req = pb.RolloutRequest(model=model, steps=steps, commit=commit)
+    def rollout(self, model: str, sequence_id, steps: int, x=None, *, commit: bool = False,
+                temperature: float = 0.0, top_k: int = 0, seed: int = 0, tokens: bool = False):
+        """Closed loop: -> (y (steps, out), position)[, tokens].
+
+        Language models: temperature 0 feeds back each step's argmax; > 0
+        samples (among the top_k most probable, if set; repeatable with a
+        seed). tokens=True also returns the token ids read at each step.
+        """
+        req = pb.RolloutRequest(model=model, steps=steps, commit=commit, temperature=temperature,
+                                top_k=top_k, seed=seed)
         _set_sequence(req, sequence_id)
         if x is not None:
             req.x.CopyFrom(tensor(x))
         r = self.stub.Rollout(req, timeout=self.timeout, **self._kw)
-        return array(r.y), r.position
+        return (array(r.y), r.position, list(r.tokens)) if tokens else (array(r.y), r.position)
 
     def end_session(self, model: str, sequence_id) -> int:
         req = pb.EndSessionRequest(model=model)

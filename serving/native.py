@@ -354,10 +354,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         x = None
         if request.HasField("x"):
             x = step_input(request.x, m.info.input_features, m.info.input_kind == "tokens")
-        y, pos = await self.sessions.rollout(
+        y, pos, tokens = await self.sessions.rollout(
             m.name, request.version or None, sequence_of(request), int(request.steps), x,
-            commit=request.commit, tenant=tenant_of(context))
-        return pb.RolloutResponse(y=from_array(y), position=pos)
+            commit=request.commit, tenant=tenant_of(context), temperature=float(request.temperature),
+            top_k=int(request.top_k), seed=int(request.seed))
+        return pb.RolloutResponse(y=from_array(y), position=pos, tokens=tokens)
 
     @errors.unary("EndSession")
     async def EndSession(self, request, context):

@@ -555,12 +555,18 @@ class SessionManager:
         return await self._run_in_order(ms, slot, lambda ms_, s: int(ms_.position[s]), free=True)
 
     async def rollout(self, model: str, version: int | None, sequence_id, steps: int,
-                      x: np.ndarray | None = None, *, commit: bool = False,
-                      tenant: str = "") -> tuple[np.ndarray, int]:
+                      x: np.ndarray | None = None, *, commit: bool = False, tenant: str = "",
+                      temperature: float = 0.0, top_k: int = 0,
+                      seed: int = 0) -> tuple[np.ndarray, int, list[int]]:
         """Closed loop: `steps` steps from the session's state, feeding outputs back.
 
-        Returns (y (steps, out), position). The session is left untouched
-        unless commit=True. First input: x (one step) or the last output.
+        Returns (y (steps, out), position, tokens). The session is left
+        untouched unless commit=True. First input: x (one step) or the last
+        output. A language model feeds back a token chosen from each step's
+        logits: the argmax (temperature 0), or a sample from
+        softmax(logits / temperature), among the top_k most probable if
+        top_k > 0, repeatable with a seed; `tokens` are the ids it read
+        (empty for other models).
         """
         if self.closing:
             raise Unavailable("server is shutting down")
@@ -573,6 +579,10 @@ class SessionManager:
                 f"{info.input_features} input features) cannot feed its output back as input")
         if not 0 < steps <= self.max_steps:
             raise InvalidArgument(f"rollout steps must be in 1..{self.max_steps}, got {steps}")
+        choose = _token_chooser(info, temperature, top_k, seed) if lm else None
+        if not lm and (temperature or top_k or seed):
+            raise InvalidArgument(f"temperature, top_k and seed choose tokens of a language model; "
+                                  f"{info.name!r} is a {info.output_kind} model")
         first = None
         if x is not None and np.asarray(x).size:
             first = check_steps(info, np.asarray(x), self.max_steps)
@@ -583,7 +593,7 @@ class SessionManager:
         ms.last_used[slot] = time.monotonic()
 
         def run(ms_, src):
-            return _closed_loop(ms_, src, steps, first, commit, lm)
+            return _closed_loop(ms_, src, steps, first, commit, choose)
 
         return await self._run_in_order(ms, slot, run)
 
@@ -781,27 +791,58 @@ class SessionManager:
             await asyncio.sleep(0)
 
 
-def _closed_loop(ms: ModelSessions, src: int, steps: int, first, commit: bool, lm: bool):
-    """Run `steps` steps on a scratch slot copied from `src`; see rollout()."""
+def _token_chooser(info, temperature: float, top_k: int, seed: int):
+    """fn(logits (V,)) -> next token id, for a language model's closed loop."""
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise InvalidArgument(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0: every token), got {top_k}")
+    if temperature == 0:
+        if top_k or seed:
+            raise InvalidArgument("top_k and seed shape sampling: set temperature > 0 "
+                                  "(temperature 0 is greedy)")
+        return lambda logits: int(np.argmax(logits))
+    rng = np.random.default_rng(seed or None)
+    pad = 0 if info.vocab and info.vocab[0] == "<pad>" else None
+
+    def sample(logits):
+        z = logits.astype(np.float64) / temperature
+        if pad is not None:
+            z[pad] = -np.inf  # padding is never a word
+        if 0 < top_k < z.size:
+            z[z < np.partition(z, -top_k)[-top_k]] = -np.inf
+        p = np.exp(z - z.max())
+        return int(rng.choice(p.size, p=p / p.sum()))
+    return sample
+
+
+def _closed_loop(ms: ModelSessions, src: int, steps: int, first, commit: bool, choose):
+    """Run `steps` steps on a scratch slot copied from `src`; see rollout().
+
+    choose: a language model's token chooser (None: feed the output back as is).
+    """
     cell = ms.cell
     if first is None:
         if ms.position[src] == 0:
             raise FailedPrecondition("the session has taken no step yet: send x, the first input")
         prev = ms.last_y[src][None]  # (1, out)
-        x = np.argmax(prev, axis=1).astype(np.int64) if lm else prev.copy()
+        x = np.array([choose(prev[0])], np.int64) if choose else prev.copy()
     else:
         x = first
     if not ms.free:
         ms._grow()
     tmp = ms.free.pop()
+    tokens = []
     try:
         cell.copy(src, tmp)
         slots = np.array([tmp], np.int64)
         out = np.empty((steps, ms.info.output_size), np.float32)
         for t in range(steps):
+            if choose:
+                tokens.append(int(x[0]))
             y = cell.step(x, slots)  # (1, out)
             out[t] = y[0]
-            x = np.argmax(y, axis=1).astype(np.int64) if lm else y
+            x = np.array([choose(y[0])], np.int64) if choose else y
         if commit:
             cell.copy(tmp, src)
             ms.position[src] += steps
@@ -809,4 +850,4 @@ def _closed_loop(ms: ModelSessions, src: int, steps: int, first, commit: bool, l
             ms.ans_expect[src] = -1
     finally:
         ms.free.append(tmp)
-    return out, int(ms.position[src])
+    return out, int(ms.position[src]), tokens

@@ -80,3 +80,18 @@ def test_predict_text_on_a_tagger_prints_valid_bio_tags_and_entities(server, mod
     assert words == text.split()
     found = entities(want, text.split())
     assert lines[-1].strip() == "entities: " + (", ".join(f"{e['type']} {e['text']!r}" for e in found) or "none")
+
+
+def test_stream_continues_a_prompt_by_sampling_or_greedily(server, kit):
+    args = ["stream", "--target", server.target, "--model", "lm", "--continue", "5"]
+    sampled = [_run(args + ["--temperature", "1.2", "--seed", "9"], stdin="the cat\nsat\n") for _ in range(2)]
+    for r in sampled:
+        assert r.returncode == 0, r.stderr
+    last = sampled[0].stdout.splitlines()[-1]
+    assert last == sampled[1].stdout.splitlines()[-1]  # the seed repeats it
+    words = last.split(": ", 1)[1].split()
+    assert last.startswith("continuation: ") and len(words) == 5 and set(words) <= set(kit.VOCAB)
+    greedy = _run(args, stdin="the cat\nsat\n")
+    assert greedy.returncode == 0 and greedy.stdout.splitlines()[-1].startswith("continuation: ")
+    bad = _run(args + ["--sample-top-k", "3"], stdin="the\n")  # top-k without temperature
+    assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr and "temperature > 0" in bad.stderr

@@ -4,6 +4,7 @@ prefix) gives, and a greedy Rollout continues a prompt exactly as feeding
 ONNX Runtime its own argmax would."""
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
@@ -61,3 +62,34 @@ def test_greedy_rollout_continues_a_prompt(client, kit, model_repo):
         assert int(np.argmax(y[t])) == int(np.argmax(ref))
         seq.append(int(np.argmax(ref)))
     client.end_session("lm", "lm-rollout")
+
+
+def test_sampled_rollout_reads_the_tokens_it_reports_and_repeats_with_a_seed(client, kit, model_repo):
+    """Sampling: y[t] is ONNX Runtime's output after the prompt plus tokens[:t+1];
+    a seed repeats the continuation; top_k=1 is greedy; bad settings are refused."""
+    prompt = [kit.VOCAB.index(w) for w in ["the", "cat"]]
+    client.step("lm", "lm-sample", np.array(prompt, np.int64), start=True)
+    steps = 8
+    y, position, tokens = client.rollout("lm", "lm-sample", steps, temperature=1.5, seed=11, tokens=True)
+    assert position == len(prompt) and len(tokens) == steps and 0 not in tokens  # never <pad>
+    path = model_repo / "lm" / "1" / "model.onnx"
+    ref = kit.ort_reference(path, np.array([prompt + tokens], np.int64))["y"][0]  # one whole call
+    assert np.abs(y - ref[len(prompt):]).max() <= 1e-4
+    again = client.rollout("lm", "lm-sample", steps, temperature=1.5, seed=11, tokens=True)
+    assert again[2] == tokens
+    others = {tuple(client.rollout("lm", "lm-sample", steps, temperature=1.5, seed=s, tokens=True)[2])
+              for s in range(12, 17)}
+    assert len(others | {tuple(tokens)}) > 1  # the seed matters
+    greedy = client.rollout("lm", "lm-sample", steps, tokens=True)
+    assert client.rollout("lm", "lm-sample", steps, temperature=0.7, top_k=1, seed=3, tokens=True)[2] == greedy[2]
+    for bad, message in (({"temperature": -1.0}, "temperature must be >= 0"),
+                         ({"top_k": 5}, "set temperature > 0"),
+                         ({"temperature": 1.0, "top_k": -2}, "top_k must be >= 0")):
+        with pytest.raises(grpc.RpcError) as err:
+            client.rollout("lm", "lm-sample", steps, **bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    client.step("lstm", "no-tokens", np.ones(3, np.float32), start=True)
+    with pytest.raises(grpc.RpcError) as err:  # a forecaster has no tokens to choose
+        client.rollout("lstm", "no-tokens", 2, temperature=1.0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "language model" in err.value.details()
+    client.end_session("lm", "lm-sample")

@@ -211,7 +211,7 @@ class SessionBatchResult(_message.Message):
     def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Iterable[int]] = ..., codes: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RolloutRequest(_message.Message):
-    __slots__ = ("model", "version", "sequence_id", "sequence_key", "steps", "x", "commit")
+    __slots__ = ("model", "version", "sequence_id", "sequence_key", "steps", "x", "commit", "temperature", "top_k", "seed")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,9 @@ class RolloutRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sequence_id: int
@@ -226,15 +229,20 @@ class RolloutRequest(_message.Message):
     steps: int
     x: Tensor
     commit: bool
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_id: _Optional[int] = ..., sequence_key: _Optional[str] = ..., steps: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., commit: _Optional[bool] = ...) -> None: ...
+    temperature: float
+    top_k: int
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sequence_id: _Optional[int] = ..., sequence_key: _Optional[str] = ..., steps: _Optional[int] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., commit: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RolloutResponse(_message.Message):
-    __slots__ = ("y", "position")
+    __slots__ = ("y", "position", "tokens")
     Y_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     y: Tensor
     position: int
-    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("model", "version", "sequence_id", "sequence_key")
