@@ -182,6 +182,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             tenant = tenant_of(context)
             sessions = self.sessions
+            models = sessions.models
             latency = self._stream_latency
             async for message in request_iterator:
                 t0 = time.perf_counter()
@@ -197,11 +198,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 elif len(steps) == 1:  # the common case, without step_many's lists
                     s = steps[0]
                     try:
-                        model, version, seq, x, start, end, checked = self._step_x(s)
-                        y, pos = await sessions.step_with_position(
-                            model, version, seq, x, start=start, end=end, tenant=tenant,
-                            checked=checked,
-                            expect=s.expected_position if s.HasField("expected_position") else None)
+                        res = None
+                        if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
+                            # the hot path: a live session's next step (sessions.try_plain_step)
+                            ms = models.get(s.model)
+                            x = _one_float_step(s, ms.info) if ms is not None else None
+                            which = s.WhichOneof("sequence")
+                            if x is not None and which:
+                                res = sessions.try_plain_step(s.model, getattr(s, which), x, tenant)
+                        if res is None:
+                            model, version, seq, x, start, end, checked = self._step_x(s)
+                            res = await sessions.step_with_position(
+                                model, version, seq, x, start=start, end=end, tenant=tenant,
+                                checked=checked,
+                                expect=s.expected_position if s.HasField("expected_position") else None)
+                        y, pos = res
                         reply = pb.StreamStepsResponse()
                         r = reply.results.add(position=pos)
                         ry = r.y

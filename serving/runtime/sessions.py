@@ -393,6 +393,37 @@ class SessionManager:
             raise res
         return res
 
+    def try_plain_step(self, model: str, sequence_id, x: np.ndarray, tenant: str = ""):
+        """The hot path of streaming: one plain step of a live session, run now.
+
+        Plain: no start, end, expected position or deadline; x already (1, F)
+        float32 of finite values. Taken only when `_admit` would run the step
+        inline anyway (nothing queued for the model, no batching window open)
+        and the session exists; it does the same bookkeeping without building
+        the objects the general path needs to queue. Returns (y (1, out),
+        position), or None: then the caller takes the general path, which
+        also reports every error (unknown model or session, shutting down).
+        """
+        ms = self.models.get(model)
+        if ms is None or self.closing or ms.pending:
+            return None
+        now = time.monotonic()
+        if ms.batching:
+            if now - ms.last_arrival <= BATCH_WINDOW_S:
+                return None  # concurrent arrivals: the general path queues them for one call
+        elif now >= ms.next_probe:
+            return None  # time to probe batching again: the general path does it
+        slot = ms.table.get((tenant, sequence_id) if tenant else sequence_id)
+        if slot is None:
+            return None
+        ms.last_arrival = now
+        ms.last_used[slot] = now
+        try:
+            return self._apply_one(ms, slot, x)
+        except Exception:
+            log.exception("cell step failed for model %s", ms.info.name)
+            raise
+
     async def step_many(self, requests, deadline=None) -> list:
         """Steps for many sessions at once (a multiplexed stream message).
 
@@ -688,23 +719,12 @@ class SessionManager:
         n = len(items)
         if n == 1:  # the quiet path: scalar bookkeeping, no fancy indexing
             it = items[0]
-            slot = it.slot
             try:
-                y = ms.cell.step_one(it.x, slot)  # (1, out)
+                res = self._apply_one(ms, it.slot, it.x, it.expect, it.start)
             except Exception as exc:  # noqa: BLE001
                 log.exception("cell step failed for model %s", ms.info.name)
-                self._done(ms, it, exc)
-                return
-            pos = int(ms.position[slot]) + 1
-            ms.position[slot] = pos
-            ms.last_y[slot] = y[0]
-            ms.ans_expect[slot] = it.expect
-            if it.expect >= 0:
-                ms.ans_len[slot] = 1
-                ms.ans_start[slot] = it.start
-            if self.observer is not None:
-                self.observer.batch(ms.info.name, 1)
-            self._done(ms, it, (y, pos))
+                res = exc
+            self._done(ms, it, res)
             return
         else:
             slots = np.fromiter((it.slot for it in items), np.int64, n)
@@ -726,6 +746,20 @@ class SessionManager:
         pos = ms.position
         for i, it in enumerate(items):
             self._done(ms, it, (y[i:i + 1], int(pos[it.slot])))
+
+    def _apply_one(self, ms: ModelSessions, slot: int, x, expect: int = -1, start: bool = False):
+        """One step of one slot, run now, with its bookkeeping -> (y (1, out), position)."""
+        y = ms.cell.step_one(x, slot)  # (1, out)
+        pos = int(ms.position[slot]) + 1
+        ms.position[slot] = pos
+        ms.last_y[slot] = y[0]
+        ms.ans_expect[slot] = expect
+        if expect >= 0:
+            ms.ans_len[slot] = 1
+            ms.ans_start[slot] = start
+        if self.observer is not None:
+            self.observer.batch(ms.info.name, 1)
+        return y, pos
 
     @staticmethod
     def _undo(ms: ModelSessions, it: _Item) -> None:

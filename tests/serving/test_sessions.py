@@ -132,3 +132,45 @@ def test_batches_form_when_steps_arrive_together(server):
         res = s.send([step_request("rnn", f"b{i}", [0.1, 0.2, 0.3], start=True) for i in range(50)])
     assert all(r.code == 0 for r in res)
     assert count_50() - before64 >= 1 and count_32() == before32
+
+
+def test_plain_step_fast_path_matches_the_general_path_and_declines_what_it_cannot_do(server, model_repo, kit):
+    """SessionManager.try_plain_step (the streaming hot path) gives the numbers,
+    positions and last output the general path gives, and returns None (so
+    the general path decides and reports) whenever it is not a plain step of
+    a live session at a quiet model."""
+    from serving.runtime import sessions as sessions_mod
+
+    sm = server.server.sessions
+    ms = sm.models["gru"]
+    xs = np.random.default_rng(12).standard_normal((6, 3)).astype(np.float32)
+
+    async def scenario():
+        await sm.step_with_position("gru", None, "fast", xs[:1], start=True)
+        taken = []
+        for t in range(1, 6):
+            ms.last_arrival = 0.0  # quiet: as for a client stepping alone
+            res = sm.try_plain_step("gru", "fast", xs[t:t + 1])
+            taken.append(res is not None)
+            if res is None:
+                res = await sm.step_with_position("gru", None, "fast", xs[t:t + 1], checked=True)
+            assert res[1] == t + 1
+        state = await sm.read("gru", "fast")
+        declined = {
+            "unknown session": sm.try_plain_step("gru", "nobody", xs[:1]),
+            "unknown model": sm.try_plain_step("nope", "fast", xs[:1]),
+            "other tenant": sm.try_plain_step("gru", "fast", xs[:1], tenant="t2"),
+        }
+        ms.last_arrival = time.monotonic() + 1.0  # a batching window is open
+        ms.batching = True
+        declined["batching window"] = sm.try_plain_step("gru", "fast", xs[:1])
+        ms.last_arrival = 0.0  # leave the shared server as it was
+        return taken, state, declined
+
+    taken, state, declined = server.call(scenario)
+    assert all(taken) and sessions_mod.BATCH_WINDOW_S > 0
+    assert all(v is None for v in declined.values()), declined
+    want = kit.ort_reference(model_repo / "gru/1/model.onnx", xs[None])
+    assert state["position"] == 6
+    assert np.abs(state["last_y"] - want["y"][0, -1]).max() <= 1e-4
+    assert np.abs(state["h"] - want["hn"][:, 0]).max() <= 1e-4
