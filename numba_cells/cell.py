@@ -50,7 +50,7 @@ class _CpuState:
         # big batches: one sgemm per layer instead of tiles (see cpu.py, GEMM path)
         self.gemm = cpu_gemm.RUNNERS.get(spec.cell)
         if not (self.gemm is not None and cpu_gemm.GEMM_MIN_BATCH > 0
-                and cpu_gemm.layout_ok(self.meta, spec.gates * spec.hidden) and gemm_ready()):
+                and cpu_gemm.layout_ok(self.meta, spec.gates * spec.hidden, spec.cell) and gemm_ready()):
             self.gemm = None
         self.gemm_min = cpu_gemm.GEMM_MIN_BATCH
         self.h = np.zeros((capacity, spec.layers, spec.hidden), np.float32)

@@ -7,8 +7,9 @@ comes from one sgemm with [W; R; bias] (np.dot -> SciPy's BLAS, pinned to one
 thread, see blas.py; ~85 GFLOP/s on one core here), which reuses each weight
 row across the chunk's sessions. Then cpu.py's elementwise gate code runs per
 session. Used when blas.gemm_ready() and B >= GEMM_MIN_BATCH (cell.py).
-GRU keeps the tile kernels: its recurrent weights are split (z, r | candidate),
-so [W; R] is not one matrix there.
+GRU's recurrent weights are split (z, r | candidate: the candidate's recurrent
+part is gated by r), so [W; R] is not one matrix there: a GRU layer takes
+three sgemms (x W, h R_zr, h R_n or (r*h) R_n) and adds the biases per row.
 
 Numerics on purpose: sgemm sums the products (the bias included, as one more
 product) in its own blocked order, while the tile path starts from the bias
@@ -21,7 +22,9 @@ bits at row 37 of 50, row 3 of 49 and row 0 of 64; h differed by 2.2e-8 at
 row 299 of 300 and 3.7e-8 at row 256 of 257.
 
 Threshold measured on the bench model (LSTM 2x128, median us per call, tile vs
-GEMM): B=32 283 vs 295, B=48 421 vs 390, B=64 565 vs 487, B=1024 9000 vs 6480.
+GEMM): B=32 283 vs 295, B=48 421 vs 390, B=64 565 vs 487, B=1024 9000 vs 6480;
+GRU 2x128: B=32 223 vs 259, B=48 334 vs 325, B=64 454 vs 406, B=256 1862 vs
+1362, B=1024 7204 vs 5382 (the same crossover).
 Rows go in chunks of at most GEMM_ROWS so a chunk's gates stay in L2 (256 was
 ~5% faster than 128 or the whole batch at B=1024, about the noise).
 """
@@ -32,9 +35,10 @@ import os
 import numpy as np
 from numba import float32, njit
 
-from numba_cells.cpu import _jit, check_batch, head_finish, load_input, lstm_update, rnn_update
-from numba_cells.packing import (L_B, L_R, L_W, M_HEAD_B, M_HEAD_W, M_HIDDEN, M_IN, M_LAYER0,
-                                 M_LAYERS, M_OUT, PER_LAYER)
+from numba_cells.cpu import (_jit, check_batch, gather_state, gru_candidate, gru_update,
+                             head_finish, load_input, lstm_update, rnn_update)
+from numba_cells.packing import (L_B, L_R, L_RBH, L_RH, L_W, M_HEAD_B, M_HEAD_W, M_HIDDEN, M_IN,
+                                 M_LAYER0, M_LAYERS, M_LBR, M_OUT, PER_LAYER)
 
 GEMM_MIN_BATCH = int(os.environ.get("SEQSERVE_CELL_GEMM_MIN_BATCH", "48"))
 GEMM_ROWS = int(os.environ.get("SEQSERVE_CELL_GEMM_ROWS", "256"))
@@ -143,12 +147,71 @@ def rnn_gemm(x, tok, slots, h, c, y, params, meta, seen):
     return 0, 0
 
 
-RUNNERS = {"lstm": lstm_gemm, "rnn": rnn_gemm}
+@njit(**_jit)
+def add_rows(acc, nr, ncols, params, off):
+    """acc (nr, ncols) += params[off: off + ncols] on every row."""
+    b = params[off: off + ncols]
+    for r in range(nr):
+        acc[r] += b
 
 
-def layout_ok(meta, G: int) -> bool:
+@njit(**_jit)
+def gru_gemm(x, tok, slots, h, c, y, params, meta, seen):
+    code, row = check_batch(slots, tok, seen, meta)
+    if code != 0:
+        return code, row
+    B, T = y.shape[0], y.shape[1]
+    L, H, F = meta[M_LAYERS], meta[M_HIDDEN], meta[M_IN]
+    G = 3 * H
+    lbr = meta[M_LBR]
+    M = chunk_rows(B)
+    gates = np.empty((M, G), np.float32)
+    zr = np.empty((M, 2 * H), np.float32)
+    cand = np.empty((M, H), np.float32)
+    hv = np.empty(M * H, np.float32)  # h_prev rows (M, H)
+    rh = np.empty(M * H, np.float32)  # r * h_prev rows, for linear_before_reset=0
+    inp = np.empty(M * max(F, H), np.float32)
+    ybuf = np.empty(M * meta[M_OUT], np.float32)
+    for b0 in range(0, B, M):
+        nr = min(M, B - b0)
+        g, z, cd = gates[:nr], zr[:nr], cand[:nr]
+        for t in range(T):
+            load_input(b0, nr, t, x, tok, params, meta, inp)
+            width = F
+            for l in range(L):
+                lb = M_LAYER0 + PER_LAYER * l
+                gather_state(b0, nr, slots, h, l, hv, H)
+                hm = hv[: nr * H].reshape(nr, H)
+                ow, orr, orh = meta[lb + L_W], meta[lb + L_R], meta[lb + L_RH]
+                np.dot(inp[: nr * width].reshape(nr, width), params[ow: ow + width * G].reshape(width, G), g)
+                add_rows(g, nr, G, params, meta[lb + L_B])
+                np.dot(hm, params[orr: orr + H * 2 * H].reshape(H, 2 * H), z)
+                g[:, : 2 * H] += z
+                flat = g.reshape(nr * G)
+                if lbr:  # n = tanh(Wn x + Wbn + r * (Rn h + Rbn))
+                    np.dot(hm, params[orh: orh + H * H].reshape(H, H), cd)
+                    add_rows(cd, nr, H, params, meta[lb + L_RBH])
+                    gru_candidate(flat, G, nr, cd.reshape(nr * H), hv, rh, lbr, 0)
+                else:  # n = tanh(Wn x + Wbn + Rn (r * h) + Rbn)
+                    gru_candidate(flat, G, nr, cd.reshape(nr * H), hv, rh, lbr, 1)
+                    np.dot(rh[: nr * H].reshape(nr, H), params[orh: orh + H * H].reshape(H, H), cd)
+                    add_rows(cd, nr, H, params, meta[lb + L_RBH])
+                    gru_candidate(flat, G, nr, cd.reshape(nr * H), hv, rh, lbr, 2)
+                gru_update(flat, G, nr, b0, slots, h, l, hv, inp)
+                width = H
+            head_gemm(b0, nr, t, y, params, meta, inp, ybuf)
+    return 0, 0
+
+
+RUNNERS = {"lstm": lstm_gemm, "rnn": rnn_gemm, "gru": gru_gemm}
+
+
+def layout_ok(meta, G: int, cell: str = "lstm") -> bool:
     """True when every layer's W (in, G), R (H, G) and bias (G,) lie back to back in params,
-    so [W; R; bias] is one (in + H + 1, G) matrix (packing.py's order)."""
+    so [W; R; bias] is one (in + H + 1, G) matrix (packing.py's order). The GRU runner
+    addresses each matrix on its own and needs no particular layout."""
+    if cell == "gru":
+        return True
     width = meta[M_IN]
     for l in range(meta[M_LAYERS]):
         lb = M_LAYER0 + PER_LAYER * l

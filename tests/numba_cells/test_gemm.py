@@ -20,7 +20,7 @@ def _gemm_always(cell):
 
 @pytest.mark.parametrize("layers,hidden,features,normalize", [(1, 8, 1, False), (2, 64, 5, True),
                                                               (3, 16, 2, False)])
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_gemm_parity(model_file, reference, record_property, cell, layers, hidden, features,
                      normalize):
     path = model_file("torch", cell=cell, layers=layers, hidden=hidden, features=features,
@@ -36,9 +36,10 @@ def test_gemm_tokens_peepholes_chunks(model_file, reference, record_property):
                  record=record_property, on_load=_gemm_always, chunk_max=5)
 
 
-def test_gemm_big_batch_parity(model_file, reference, record_property):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gemm_big_batch_parity(model_file, reference, record_property, cell):
     """Batches above the default threshold, as the server would send them."""
-    path = model_file("torch", cell="lstm", layers=2, hidden=32, features=3)
+    path = model_file("torch", cell=cell, layers=2, hidden=32, features=3)
     B = cpu_gemm.GEMM_MIN_BATCH + 8
     check_parity(path, reference, record=record_property, B=B, T=30, stagger=0)
 
@@ -67,10 +68,10 @@ def test_big_batch_matches_alone(model_file):
     assert worst <= 1e-5, worst
 
 
-def test_gru_keeps_tile_kernels(model_file):
-    """GRU's split recurrent weights are not one [W; R] matrix: no GEMM path."""
-    cell = load_cell(model_file("torch", cell="gru", layers=1, hidden=8), device="cpu", capacity=2)
-    assert cell._state.gemm is None
+def test_every_cell_has_a_gemm_path(model_file):
+    for kind in ("lstm", "gru", "rnn"):
+        cell = load_cell(model_file("torch", cell=kind, layers=1, hidden=8), device="cpu", capacity=2)
+        assert cell._state.gemm is cpu_gemm.RUNNERS[kind], kind
 
 
 def test_scipy_blas_pinned_to_one_thread():
@@ -85,3 +86,13 @@ def test_scipy_blas_pinned_to_one_thread():
     libs = [lib for lib in threadpool_info() if lib["user_api"] == "blas"
             and os.path.realpath(lib["filepath"]).startswith((root + os.sep, root + ".libs" + os.sep))]
     assert libs and all(lib["num_threads"] == 1 for lib in libs), libs
+
+
+def test_gemm_gru_both_reset_placements_and_tokens(model_file, reference, record_property):
+    """GRU's three-sgemm layer: linear_before_reset 1 (torch's export) and 0 (a
+    hand-built ONNX GRU), and a token-input GRU with a softmax head."""
+    check_parity(model_file("onnx", op="GRU", layers=2, hidden=16, linear_before_reset=0), reference,
+                 record=record_property, on_load=_gemm_always, chunk_max=4)
+    check_parity(model_file("torch", cell="gru", layers=2, hidden=24, vocab=40, embed=8, out=5,
+                            activation="softmax"),
+                 reference, record=record_property, on_load=_gemm_always)
