@@ -149,6 +149,7 @@ class Cell:
         self._F = spec.input_features
         # step_one's reused slot array, and the input dtype its fast path takes
         self._one = np.zeros(1, np.int64)
+        self._xrow = np.zeros((1, 1, self._F), np.float32)  # step_into's input buffer
         self._fast = None if self.device != "cpu" else np.dtype(np.int64 if self._tokens else np.float32)
         self._state.warm_up()
 
@@ -200,6 +201,30 @@ class Cell:
         if code:
             self._fail(code, row, one, tok)
         return y.reshape(1, self.spec.output_size)
+
+    def step_into(self, values, slot: int, out) -> bool:
+        """One step of one float-input session, written straight into `out`.
+
+        values: F finite floats (any sequence); out: a float32 C-contiguous
+        (out,) row (the serving layer passes the session's last-output row).
+        The step_one path with no array built per call: the input goes into a
+        reused buffer and the kernel writes y into `out`, which is left as it
+        was if the kernel refuses the slot. False (nothing done) where this
+        path does not apply: token input, the CUDA cell, an `out` of another
+        layout.
+        """
+        if self._fast is None or self._tokens or not out.flags.c_contiguous or out.dtype != np.float32:
+            return False
+        st = self._state
+        xin = self._xrow
+        xin[0, 0] = values
+        one = self._one
+        one[0] = slot
+        code, row = st.serial(xin, st._dummy_tok, one, st.h, st.c, out.reshape(1, 1, -1), st.params,
+                              st.meta, st.seen)
+        if code:
+            self._fail(code, row, one, None)
+        return True
 
     def _run(self, x, tok, slots, B, T):
         y, code, row = self._state.advance(x, tok, slots, B, T)

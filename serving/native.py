@@ -202,10 +202,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
                             # the hot path: a live session's next step (sessions.try_plain_step)
                             ms = models.get(s.model)
-                            x = _one_float_step(s, ms.info) if ms is not None else None
+                            vals = _one_float_row(s, ms.info) if ms is not None else None
                             which = s.WhichOneof("sequence")
-                            if x is not None and which:
-                                res = sessions.try_plain_step(s.model, getattr(s, which), x, tenant)
+                            if vals is not None and which:
+                                res = sessions.try_plain_step(s.model, getattr(s, which), vals, tenant)
                         if res is None:
                             model, version, seq, x, start, end, checked = self._step_x(s)
                             res = await sessions.step_with_position(
@@ -378,8 +378,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.EndSessionResponse(position=pos)
 
 
-def _one_float_step(s: pb.StepRequest, info) -> np.ndarray | None:
-    """The common step, one float vector of finite values, as (1, F) float32.
+def _one_float_row(s: pb.StepRequest, info) -> list | None:
+    """The common step's input: F finite floats of a float model, as a list.
 
     None for anything else: the general path checks it and names the problem.
     Checking the few values in Python is cheaper than numpy's per-call cost;
@@ -389,16 +389,20 @@ def _one_float_step(s: pb.StepRequest, info) -> np.ndarray | None:
     t = s.x
     data = t.float_data
     F = info.input_features
-    if len(data) != F or F > 16 or info.input_kind != "float" or s.text or len(t.int64_data):
+    if len(data) != F or F > 16 or info.input_kind != "float" or len(t.int64_data):
         return None
     shape = t.shape
     n = len(shape)
     if n and not ((n == 1 and shape[0] == F) or (n == 2 and shape[0] == 1 and shape[1] == F)):
         return None
     vals = list(data)
-    if not isfinite(sum(vals)):
-        return None
-    return np.array((vals,), np.float32)  # (1, F)
+    return vals if isfinite(sum(vals)) else None
+
+
+def _one_float_step(s: pb.StepRequest, info) -> np.ndarray | None:
+    """_one_float_row as a (1, F) float32 array (None for text or anything else)."""
+    vals = None if s.text else _one_float_row(s, info)
+    return None if vals is None else np.array((vals,), np.float32)
 
 
 def _error_result(exc: BaseException, position: int = 0) -> pb.StepResponse:

@@ -393,16 +393,19 @@ class SessionManager:
             raise res
         return res
 
-    def try_plain_step(self, model: str, sequence_id, x: np.ndarray, tenant: str = ""):
+    def try_plain_step(self, model: str, sequence_id, values, tenant: str = ""):
         """The hot path of streaming: one plain step of a live session, run now.
 
-        Plain: no start, end, expected position or deadline; x already (1, F)
-        float32 of finite values. Taken only when `_admit` would run the step
-        inline anyway (nothing queued for the model, no batching window open)
-        and the session exists; it does the same bookkeeping without building
-        the objects the general path needs to queue. Returns (y (1, out),
-        position), or None: then the caller takes the general path, which
-        also reports every error (unknown model or session, shutting down).
+        Plain: no start, end, expected position or deadline; values: the F
+        finite floats of one float-input step. Taken only when `_admit` would
+        run the step inline anyway (nothing queued for the model, no batching
+        window open) and the session exists; it does the same bookkeeping
+        without building the objects the general path needs to queue, and
+        the cell writes y straight into the session's last-output row.
+        Returns (y (1, out) - a view of that row: read it before the
+        session's next step -, position), or None: then the caller takes the
+        general path, which also reports every error (unknown model or
+        session, shutting down).
         """
         ms = self.models.get(model)
         if ms is None or self.closing or ms.pending:
@@ -416,13 +419,16 @@ class SessionManager:
         slot = ms.table.get((tenant, sequence_id) if tenant else sequence_id)
         if slot is None:
             return None
-        ms.last_arrival = now
-        ms.last_used[slot] = now
+        row = ms.last_y[slot]
         try:
-            return self._apply_one(ms, slot, x)
+            if not ms.cell.step_into(values, slot, row):
+                return None
         except Exception:
             log.exception("cell step failed for model %s", ms.info.name)
             raise
+        ms.last_arrival = now
+        ms.last_used[slot] = now
+        return row[None], self._count_one(ms, slot)
 
     async def step_many(self, requests, deadline=None) -> list:
         """Steps for many sessions at once (a multiplexed stream message).
@@ -748,18 +754,27 @@ class SessionManager:
             self._done(ms, it, (y[i:i + 1], int(pos[it.slot])))
 
     def _apply_one(self, ms: ModelSessions, slot: int, x, expect: int = -1, start: bool = False):
-        """One step of one slot, run now, with its bookkeeping -> (y (1, out), position)."""
+        """One step of one slot, run now, with its bookkeeping -> (y (1, out), position).
+
+        y is a fresh array (a queued caller may read it after the session's
+        next step has run); try_plain_step, whose caller reads y at once,
+        lets the cell write into last_y instead.
+        """
         y = ms.cell.step_one(x, slot)  # (1, out)
+        ms.last_y[slot] = y[0]
+        return y, self._count_one(ms, slot, expect, start)
+
+    def _count_one(self, ms: ModelSessions, slot: int, expect: int = -1, start: bool = False) -> int:
+        """Bookkeeping of one applied step (last_y already set) -> the new position."""
         pos = int(ms.position[slot]) + 1
         ms.position[slot] = pos
-        ms.last_y[slot] = y[0]
         ms.ans_expect[slot] = expect
         if expect >= 0:
             ms.ans_len[slot] = 1
             ms.ans_start[slot] = start
         if self.observer is not None:
             self.observer.batch(ms.info.name, 1)
-        return y, pos
+        return pos
 
     @staticmethod
     def _undo(ms: ModelSessions, it: _Item) -> None:

@@ -181,3 +181,18 @@ def test_step_one_tokens(model_file):
     with pytest.raises(CellError, match="token id 20 .*vocabulary of 20"):
         a.step_one(np.array([20], np.int64), 1)
     np.testing.assert_array_equal(a.read(1)["h"], b.read(1)["h"])  # the refused step changed nothing
+
+
+def test_step_into_writes_steps_output_in_place(cell, model_file):
+    twin = load_cell(model_file("torch", cell=cell.spec.cell, layers=2, hidden=16, features=3),
+                     device="cpu", capacity=8)
+    out = np.full((4, 2), 7.0, np.float32)  # row 1 receives the output
+    for t, vals in enumerate(([0.1, -0.2, 0.3], [1.0, 0.5, -1.5])):
+        assert cell.step_into(vals, 5, out[1]) is True
+        np.testing.assert_array_equal(out[1], twin.step(np.array([vals], np.float32), [5])[0])
+    assert (out[[0, 2, 3]] == 7.0).all()
+    before = out[1].copy()
+    with pytest.raises(CellError, match="out of range"):
+        cell.step_into([0.0, 0.0, 0.0], 8, out[1])
+    np.testing.assert_array_equal(out[1], before)  # a refused step writes nothing
+    assert cell.step_into([0.0] * 3, 5, out[:, 0]) is False  # not contiguous: the caller's other path
