@@ -109,12 +109,12 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.columns is not None:
         args.columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    out = Path(args.out)
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise ValueError(f"--out {args.out}: parent folder {parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a folder")
+    out = Path(args.out)  # created (with its parents, e.g. runs/ in a fresh clone) by the task
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--out {args.out}: {folder} exists and is not a folder")
+            break
 
 
 def load_runner(task: str):

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     data = prepare(task)
     mcfg = ModelConfig(cell=s["cell"], input_size=data.features, hidden=s["hidden"], layers=s["layers"],
                        dropout=s["dropout"], head="regression", output_size=data.features).validate()
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
     seed_everything(s["seed"])
     model = SequenceModel(mcfg)

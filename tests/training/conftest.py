@@ -14,7 +14,8 @@ def tiny_sine_run(tmp_path_factory):
     """A real `seqserve train --task sine` run, shrunk to seconds; returns (run_dir, metrics)."""
     from seqserve.cli import main
 
-    out = tmp_path_factory.mktemp("runs") / "sine-tiny"
+    # runs/ does not exist yet, as in a fresh clone: train creates it
+    out = tmp_path_factory.mktemp("clone") / "runs" / "sine-tiny"
     rc = main(["train", "--task", "sine", "--cell", "gru", "--hidden", "8", "--window", "16",
                "--epochs", "2", "--batch-size", "128", "--seed", "3", "--out", str(out)])
     assert rc == 0
