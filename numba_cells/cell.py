@@ -186,8 +186,6 @@ class Cell:
         st = self._state
         if self._fast is None or x.dtype != self._fast or not x.flags.c_contiguous:
             return self.step(x, (slot,))
-        one = self._one
-        one[0] = slot
         if self._tokens:
             if x.shape != (1,):
                 return self.step(x, (slot,))
@@ -197,9 +195,7 @@ class Cell:
                 return self.step(x, (slot,))
             xin, tok = x.reshape(1, 1, self._F), st._dummy_tok
         y = np.empty((1, 1, self.spec.output_size), np.float32)
-        code, row = st.serial(xin, tok, one, st.h, st.c, y, st.params, st.meta, st.seen)
-        if code:
-            self._fail(code, row, one, tok)
+        self._serial_one(xin, tok, slot, y)
         return y.reshape(1, self.spec.output_size)
 
     def step_into(self, values, slot: int, out) -> bool:
@@ -215,16 +211,17 @@ class Cell:
         """
         if self._fast is None or self._tokens or not out.flags.c_contiguous or out.dtype != np.float32:
             return False
-        st = self._state
-        xin = self._xrow
-        xin[0, 0] = values
-        one = self._one
-        one[0] = slot
-        code, row = st.serial(xin, st._dummy_tok, one, st.h, st.c, out.reshape(1, 1, -1), st.params,
-                              st.meta, st.seen)
-        if code:
-            self._fail(code, row, one, None)
+        self._xrow[0, 0] = values
+        self._serial_one(self._xrow, self._state._dummy_tok, slot, out.reshape(1, 1, -1))
         return True
+
+    def _serial_one(self, xin, tok, slot, y):
+        """The serial kernel on one slot (the reused slot array): y (1, 1, out) filled."""
+        st, one = self._state, self._one
+        one[0] = slot
+        code, row = st.serial(xin, tok, one, st.h, st.c, y, st.params, st.meta, st.seen)
+        if code:
+            self._fail(code, row, one, tok)
 
     def _run(self, x, tok, slots, B, T):
         y, code, row = self._state.advance(x, tok, slots, B, T)

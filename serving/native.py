@@ -98,7 +98,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         x = to_array(request.x, "x")
         h0 = to_array(request.h0, "h0") if request.HasField("h0") else None
         c0 = to_array(request.c0, "c0") if request.HasField("c0") else None
-        if x.ndim < 2 or m.ort.runs_inline(x):  # a malformed x is refused inline, at once
+        if m.ort.runs_inline(x):
             out = m.ort.predict(x, h0, c0)
         else:  # big work: a worker thread, so every stream keeps moving
             out = await self._predict_in_thread(m, x, h0, c0, deadline_of(context))
@@ -205,7 +205,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             vals = _one_float_row(s, ms.info) if ms is not None else None
                             which = s.WhichOneof("sequence")
                             if vals is not None and which:
-                                res = sessions.try_plain_step(s.model, getattr(s, which), vals, tenant)
+                                res = sessions.try_plain_step(ms, getattr(s, which), vals, tenant)
                         if res is None:
                             model, version, seq, x, start, end, checked = self._step_x(s)
                             res = await sessions.step_with_position(

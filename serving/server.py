@@ -212,6 +212,17 @@ class Server:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def until(self, event: asyncio.Event) -> None:
+        """Wait for `event` or for loading to fail; a failure stops the server and
+        raises StartupFailed with the reason."""
+        waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(self.failed.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if self.fatal:
+            await self.stop()
+            raise StartupFailed(self.fatal)
+
 
 async def serve(settings: Settings, stop_signals: bool = True) -> None:
     """Run a server until SIGTERM/SIGINT, then stop it gracefully."""
@@ -224,12 +235,6 @@ async def serve(settings: Settings, stop_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.failed.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for w in waits:
-        w.cancel()
-    if server.fatal:
-        await server.stop()
-        raise StartupFailed(server.fatal)
+    await server.until(stop)  # raises StartupFailed if loading failed
     log.info("signal received: shutting down")
     await server.stop()

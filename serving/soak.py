@@ -201,28 +201,37 @@ def _features(target, model) -> int:
 
 # ---- overload ---------------------------------------------------------------------------------
 
-async def _overload_load(target, model, features, concurrency, seconds, interval_s, pid, log,
-                         batch=(32, 256)):
+def _predict_request(model, features, batch=(32, 256), seed=0) -> bytes:
+    """A serialized (B, T, features) Predict request: built once, so a client stays cheap."""
+    x = np.random.default_rng(seed).normal(size=(*batch, features)).astype(np.float32)
+    return pb.PredictRequest(model=model, x=pb.Tensor(shape=x.shape, float_data=x.ravel())).SerializeToString()
+
+
+async def _timed_predict(predict, data, iv: Interval) -> bool:
+    """One Predict; its latency goes to iv.lat or iv.refused (else iv.errors). True if refused."""
+    t0 = time.perf_counter_ns()
+    try:
+        await predict(data, timeout=60)
+        iv.lat.append(time.perf_counter_ns() - t0)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            iv.errors += 1
+            return False
+        iv.refused.append(time.perf_counter_ns() - t0)
+        return True
+    return False
+
+
+async def _overload_load(target, model, features, concurrency, seconds, interval_s, pid, log):
     state = {"iv": Interval(), "stop": False}
-    B, T = batch
-    x = np.random.default_rng(0).normal(size=(B, T, features)).astype(np.float32)
-    request = pb.PredictRequest(model=model, x=pb.Tensor(shape=x.shape, float_data=x.ravel()))
-    data = request.SerializeToString()  # serialized once: the client stays cheap
+    data = _predict_request(model, features)
 
     async def caller(k):
         async with grpc.aio.insecure_channel(target) as ch:
             predict = ch.unary_unary("/seqserve.v1.Inference/Predict")
             while not state["stop"]:
-                t0 = time.perf_counter_ns()
-                try:
-                    await predict(data, timeout=60)
-                    state["iv"].lat.append(time.perf_counter_ns() - t0)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        state["iv"].refused.append(time.perf_counter_ns() - t0)
-                        await asyncio.sleep(0.005)  # a client backs off a little
-                    else:
-                        state["iv"].errors += 1
+                if await _timed_predict(predict, data, state["iv"]):
+                    await asyncio.sleep(0.005)  # a client backs off a little
 
     tasks = [asyncio.ensure_future(caller(k)) for k in range(concurrency)]
     rows = await _reporter(pid, seconds, interval_s, state, log)
@@ -230,29 +239,19 @@ async def _overload_load(target, model, features, concurrency, seconds, interval
     return rows
 
 
-async def _probe(target, model, features, seconds, every_s=0.02, batch=(32, 256)) -> dict:
+async def _probe(target, model, features, seconds, every_s=0.02) -> dict:
     """One Predict every `every_s` from a fresh, otherwise idle client: what a
     newcomer meets while the load runs (its latencies carry none of the load
     generator's own queueing)."""
-    B, T = batch
-    x = np.random.default_rng(1).normal(size=(B, T, features)).astype(np.float32)
-    data = pb.PredictRequest(model=model, x=pb.Tensor(shape=x.shape, float_data=x.ravel())).SerializeToString()
-    out = {"ok_us": [], "refused_us": [], "errors": 0}
+    data = _predict_request(model, features, seed=1)
+    iv = Interval()
     async with grpc.aio.insecure_channel(target) as ch:
         predict = ch.unary_unary("/seqserve.v1.Inference/Predict")
         stop = time.monotonic() + seconds
         while time.monotonic() < stop:
-            t0 = time.perf_counter_ns()
-            try:
-                await predict(data, timeout=60)
-                out["ok_us"].append((time.perf_counter_ns() - t0) / 1e3)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    out["refused_us"].append((time.perf_counter_ns() - t0) / 1e3)
-                else:
-                    out["errors"] += 1
+            await _timed_predict(predict, data, iv)
             await asyncio.sleep(every_s)
-    return out
+    return {"ok_ns": iv.lat, "refused_ns": iv.refused, "errors": iv.errors}
 
 
 def _start_probe(target, model, features, seconds, delay_s=2.0) -> subprocess.Popen:
@@ -263,10 +262,11 @@ def _start_probe(target, model, features, seconds, delay_s=2.0) -> subprocess.Po
 def _probe_summary(proc: subprocess.Popen) -> dict:
     out, _ = proc.communicate(timeout=120)
     got = json.loads(out)
-    pct = lambda xs, q: round(float(np.percentile(xs, q)), 1) if xs else None
-    return {"ok": len(got["ok_us"]), "ok_p50_us": pct(got["ok_us"], 50),
-            "refused": len(got["refused_us"]), "refused_p50_us": pct(got["refused_us"], 50),
-            "refused_p99_us": pct(got["refused_us"], 99), "errors": got["errors"]}
+    ok, refused = got["ok_ns"], got["refused_ns"]
+    pct = lambda xs, q: _us(xs, q) if xs else None
+    return {"ok": len(ok), "ok_p50_us": pct(ok, 50), "refused": len(refused),
+            "refused_p50_us": pct(refused, 50), "refused_p99_us": pct(refused, 99),
+            "errors": got["errors"]}
 
 
 def _median(xs) -> float | None:

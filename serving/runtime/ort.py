@@ -71,8 +71,9 @@ class OrtModel:
         not by input size: a (32, 256, 1) batch is only 8,192 values but
         ~140 million multiply-adds for a 64-unit LSTM, tens of milliseconds.
         """
-        steps = x.shape[0] * (x.shape[1] if x.ndim > 1 else 1)
-        return steps * self.step_macs <= INLINE_MACS
+        if x.ndim < 2:  # malformed: predict() refuses it at once, inline
+            return True
+        return x.shape[0] * x.shape[1] * self.step_macs <= INLINE_MACS
 
     @property
     def state_rows(self) -> int:

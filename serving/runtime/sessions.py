@@ -393,7 +393,7 @@ class SessionManager:
             raise res
         return res
 
-    def try_plain_step(self, model: str, sequence_id, values, tenant: str = ""):
+    def try_plain_step(self, ms: ModelSessions, sequence_id, values, tenant: str = ""):
         """The hot path of streaming: one plain step of a live session, run now.
 
         Plain: no start, end, expected position or deadline; values: the F
@@ -405,10 +405,9 @@ class SessionManager:
         Returns (y (1, out) - a view of that row: read it before the
         session's next step -, position), or None: then the caller takes the
         general path, which also reports every error (unknown model or
-        session, shutting down).
+        session, shutting down). ms: the model's sessions (`self.models[name]`).
         """
-        ms = self.models.get(model)
-        if ms is None or self.closing or ms.pending:
+        if self.closing or ms.pending:
             return None
         now = time.monotonic()
         if ms.batching:

@@ -95,18 +95,6 @@ class Running:
         self.thread.join(10)
 
 
-async def _ready_or_failed(server) -> None:
-    from serving.server import StartupFailed
-
-    waits = [asyncio.ensure_future(server.ready.wait()), asyncio.ensure_future(server.failed.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for w in waits:
-        w.cancel()
-    if server.fatal:
-        await server.stop()
-        raise StartupFailed(server.fatal)
-
-
 def start_server(**overrides) -> Running:
     """A Server on its own loop in a thread, ready (models loaded) on return."""
     from serving.server import Server
@@ -122,7 +110,7 @@ def start_server(**overrides) -> Running:
         started["server"] = server
         try:
             started["port"] = loop.run_until_complete(server.start())
-            loop.run_until_complete(asyncio.wait_for(_ready_or_failed(server), 120))
+            loop.run_until_complete(asyncio.wait_for(server.until(server.ready), 120))
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             started["error"] = exc
             return

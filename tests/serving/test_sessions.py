@@ -150,20 +150,20 @@ def test_plain_step_fast_path_matches_the_general_path_and_declines_what_it_cann
         taken = []
         for t in range(1, 6):
             ms.last_arrival = 0.0  # quiet: as for a client stepping alone
-            res = sm.try_plain_step("gru", "fast", xs[t:t + 1])
+            res = sm.try_plain_step(ms, "fast", xs[t:t + 1])
             taken.append(res is not None)
             if res is None:
                 res = await sm.step_with_position("gru", None, "fast", xs[t:t + 1], checked=True)
             assert res[1] == t + 1
         state = await sm.read("gru", "fast")
         declined = {
-            "unknown session": sm.try_plain_step("gru", "nobody", xs[:1]),
-            "unknown model": sm.try_plain_step("nope", "fast", xs[:1]),
-            "other tenant": sm.try_plain_step("gru", "fast", xs[:1], tenant="t2"),
+            "unknown session": sm.try_plain_step(ms, "nobody", xs[:1]),
+            "unknown model": sm.models.get("nope"),  # the caller's lookup: no ModelSessions to hand over
+            "other tenant": sm.try_plain_step(ms, "fast", xs[:1], tenant="t2"),
         }
         ms.last_arrival = time.monotonic() + 1.0  # a batching window is open
         ms.batching = True
-        declined["batching window"] = sm.try_plain_step("gru", "fast", xs[:1])
+        declined["batching window"] = sm.try_plain_step(ms, "fast", xs[:1])
         ms.last_arrival = 0.0  # leave the shared server as it was
         return taken, state, declined
 
