@@ -46,6 +46,7 @@ class _CpuState:
         self.spec = spec
         self.params, self.meta = pack(spec)
         self.serial, self.parallel = cpu.RUNNERS[spec.cell]
+        self.one = cpu.ONE[spec.cell] if spec.input_kind != "tokens" else None  # Cell.step_into
         self.parallel_min = cpu.PARALLEL_MIN_BATCH
         # big batches: one sgemm per layer instead of tiles (see cpu.py, GEMM path)
         self.gemm = cpu_gemm.RUNNERS.get(spec.cell)
@@ -83,6 +84,9 @@ class _CpuState:
             y = np.empty((1, 1, self.spec.output_size), np.float32)
             run(self._dummy_x if x is None else x, self._dummy_tok if tok is None else tok,
                 slots, h, c, y, self.params, self.meta, np.zeros(1, np.uint8))
+        if self.one is not None:
+            self.one(x, 0, h, c, np.empty((1, self.spec.output_size), np.float32),
+                     self.params, self.meta)
 
     # state access: host arrays, so plain numpy
     def get(self, slot):
@@ -150,6 +154,9 @@ class Cell:
         # step_one's reused slot array, and the input dtype its fast path takes
         self._one = np.zeros(1, np.int64)
         self._xrow = np.zeros((1, 1, self._F), np.float32)  # step_into's input buffer
+        self._xflat = self._xrow.reshape(-1)
+        self._one_kernel = getattr(self._state, "one", None) if not self._tokens else None
+        self._rows_seen = None  # the last rows table step_into checked
         self._fast = None if self.device != "cpu" else np.dtype(np.int64 if self._tokens else np.float32)
         self._state.warm_up()
 
@@ -198,21 +205,33 @@ class Cell:
         self._serial_one(xin, tok, slot, y)
         return y.reshape(1, self.spec.output_size)
 
-    def step_into(self, values, slot: int, out) -> bool:
-        """One step of one float-input session, written straight into `out`.
+    def step_into(self, values, slot: int, rows) -> bool:
+        """One step of one float-input session, its output written into rows[slot].
 
-        values: F finite floats (any sequence); out: a float32 C-contiguous
-        (out,) row (the serving layer passes the session's last-output row).
-        The step_one path with no array built per call: the input goes into a
-        reused buffer and the kernel writes y into `out`, which is left as it
-        was if the kernel refuses the slot. False (nothing done) where this
-        path does not apply: token input, the CUDA cell, an `out` of another
-        layout.
+        values: the F input floats (any sequence; checked finite by the
+        caller); rows: float32 C-contiguous (n, out), e.g. the serving layer's
+        table of each session's last output. The serving layer's hot path:
+        no array is built per call (the input goes into a reused buffer) and
+        the single-slot kernel (cpu.ONE) takes a plain int slot, so it costs
+        about half of step_one. rows[slot] is left as it was if the kernel
+        refuses the slot. False (nothing done) where this path does not
+        apply: token input, the CUDA cell, rows of another dtype, layout or
+        width.
         """
-        if self._fast is None or self._tokens or not out.flags.c_contiguous or out.dtype != np.float32:
-            return False
-        self._xrow[0, 0] = values
-        self._serial_one(self._xrow, self._state._dummy_tok, slot, out.reshape(1, 1, -1))
+        one = self._one_kernel
+        if rows is not self._rows_seen:  # the layout check, once per table (not per step)
+            if one is None or rows.dtype != np.float32 or not rows.flags.c_contiguous \
+                    or rows.ndim != 2 or rows.shape[1] != self.spec.output_size:
+                return False
+            self._rows_seen = rows
+        x = self._xflat
+        if self._F == 1:
+            x[0] = values[0]
+        else:
+            x[:] = values
+        st = self._state
+        if one(self._xrow, slot, st.h, st.c, rows, st.params, st.meta):  # the one refusal
+            raise CellError(f"slot {slot} is out of range [0, {min(self.capacity, len(rows))})")
         return True
 
     def _serial_one(self, xin, tok, slot, y):

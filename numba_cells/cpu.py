@@ -468,6 +468,57 @@ def rnn_parallel(x, tok, slots, h, c, y, params, meta, seen):
     return 0, 0
 
 
+# One float-input session's step, the serving layer's hot path (Cell.step_into):
+# x (1, 1, F), slot an int, y written into rows[slot] (rows: (n, out), e.g. the
+# sessions' last-output table). The same tile function as the batched drivers,
+# so the same numbers; what it saves is the dispatcher's work on the slot,
+# token, seen and y arrays the batched drivers take (7 arguments instead of 9,
+# one of them a plain int) and the caller's reshapes. Returns an ERR_* code.
+
+@njit(**_jit)
+def _one_setup(slot, h, rows, meta):
+    if slot < 0 or slot >= h.shape[0] or slot >= rows.shape[0]:
+        return ERR_SLOT_RANGE, np.empty(0, np.int64), np.empty((1, 1), np.int64), \
+            np.empty((1, 1, meta[M_OUT]), np.float32)
+    slots = np.empty(1, np.int64)
+    slots[0] = slot
+    return 0, slots, np.zeros((1, 1), np.int64), np.empty((1, 1, meta[M_OUT]), np.float32)
+
+
+@njit(**_jit)
+def lstm_one(x, slot, h, c, rows, params, meta):
+    code, slots, tok, y = _one_setup(slot, h, rows, meta)
+    if code != 0:
+        return code
+    gates, inp, hv = scratch(meta)
+    lstm_tile(0, 1, 0, x, tok, slots, h, c, y, params, meta, gates, inp, hv)
+    rows[slot] = y[0, 0]
+    return 0
+
+
+@njit(**_jit)
+def gru_one(x, slot, h, c, rows, params, meta):
+    code, slots, tok, y = _one_setup(slot, h, rows, meta)
+    if code != 0:
+        return code
+    gates, inp, hv = scratch(meta)
+    gru_tile(0, 1, 0, x, tok, slots, h, c, y, params, meta, gates, inp, hv)
+    rows[slot] = y[0, 0]
+    return 0
+
+
+@njit(**_jit)
+def rnn_one(x, slot, h, c, rows, params, meta):
+    code, slots, tok, y = _one_setup(slot, h, rows, meta)
+    if code != 0:
+        return code
+    gates, inp, hv = scratch(meta)
+    rnn_tile(0, 1, 0, x, tok, slots, h, c, y, params, meta, gates, inp, hv)
+    rows[slot] = y[0, 0]
+    return 0
+
+
 RUNNERS = {"lstm": (lstm_serial, lstm_parallel), "gru": (gru_serial, gru_parallel),
            "rnn": (rnn_serial, rnn_parallel)}
+ONE = {"lstm": lstm_one, "gru": gru_one, "rnn": rnn_one}
 

@@ -11,8 +11,10 @@ a shared machine falls on both alike:
   step-multiplex-100              one stream, 100 sessions per message: session-steps/s
 
 The echo service answers Step / StreamSteps with a canned reply of the same
-shape, so the difference is what seqserve itself costs (parsing, checks,
-session lookup, batching, the Numba step, metrics). Then it starts 100,000
+shape without parsing anything (bytes in, canned bytes out, as
+../shared/tools/grpc_floor.py does), so the difference is what seqserve
+itself costs (parsing, checks, session lookup, batching, the Numba step,
+metrics). Both run on the same event loop (`--loop`, uvloop by default). Then it starts 100,000
 sessions and compares the server's memory growth with their raw state bytes.
 
   python -m serving.bench serve --repo model_repository --model sine-lstm [--json]
@@ -33,6 +35,7 @@ import numpy as np
 
 from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
+from serving import eventloop
 
 TARGETS = {  # path -> (compared with, bound, kind) as issue 5 states them
     "step-stream": ("echo-stream", 1.25, "p50"),
@@ -43,35 +46,53 @@ TARGETS = {  # path -> (compared with, bound, kind) as issue 5 states them
 
 # ---- the echo server (its own process) --------------------------------------------------
 
-class EchoServicer(pb_grpc.InferenceServicer):
-    """Step / StreamSteps that do nothing but answer a canned reply."""
+class EchoServicer:
+    """Step / StreamSteps that do nothing but answer a canned reply of the right shape.
+
+    Like ../shared/tools/grpc_floor.py, no protobuf work at all: requests stay
+    bytes and the reply is serialized once, so the echo is the floor of the
+    transport alone (the server parses what it must).
+    """
 
     def __init__(self, outputs: int):
-        self.result = pb.StepResponse(y=pb.Tensor(shape=[1, outputs], float_data=[0.0] * outputs),
-                                      position=1)
-        self.replies: dict[int, pb.StreamStepsResponse] = {}
+        result = pb.StepResponse(y=pb.Tensor(shape=[1, outputs], float_data=[0.0] * outputs),
+                                 position=1)
+        self.unary = result.SerializeToString()
+        self.result = result
+        self.replies: dict[int, bytes] = {}  # request size -> canned StreamSteps reply
 
-    async def Step(self, request, context):
-        return self.result
+    async def Step(self, request: bytes, context):
+        return self.unary
 
     async def StreamSteps(self, request_iterator, context):
-        async for message in request_iterator:
-            n = len(message.steps)
-            reply = self.replies.get(n)
-            if reply is None:
-                reply = self.replies[n] = pb.StreamStepsResponse(results=[self.result] * n)
+        async for raw in request_iterator:
+            reply = self.replies.get(len(raw))
+            if reply is None:  # one step per message here, except step-multiplex (not echoed)
+                n = len(pb.StreamStepsRequest.FromString(raw).steps)
+                reply = self.replies[len(raw)] = pb.StreamStepsResponse(
+                    results=[self.result] * n).SerializeToString()
             yield reply
 
+    def handlers(self):
+        same = dict(request_deserializer=_identity, response_serializer=_identity)
+        return grpc.method_handlers_generic_handler("seqserve.v1.Inference", {
+            "Step": grpc.unary_unary_rpc_method_handler(self.Step, **same),
+            "StreamSteps": grpc.stream_stream_rpc_method_handler(self.StreamSteps, **same)})
 
-def echo_server_main(port: int, outputs: int) -> None:
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+def echo_server_main(port: int, outputs: int, loop: str = "auto") -> None:
     async def run():
         server = grpc.aio.server()
-        pb_grpc.add_InferenceServicer_to_server(EchoServicer(outputs), server)
+        server.add_generic_rpc_handlers((EchoServicer(outputs).handlers(),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(run())
+    eventloop.run(run(), loop)
 
 
 # ---- measuring --------------------------------------------------------------------------
@@ -295,7 +316,8 @@ def _ready_echo(target, timeout=60):
     ch.close()
 
 
-def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print) -> dict:
+def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print,
+                loop: str = "auto") -> dict:
     from serving.client import Client
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -303,7 +325,7 @@ def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print) -> 
     server = subprocess.Popen(
         [sys.executable, "-m", "seqserve", "serve", "--repo", repo, "--port", str(sport),
          "--metrics-port", "0", "--max-sessions", str(max(200_000, sessions + 1000)),
-         "--log-level", "WARNING"], env=env)
+         "--log-level", "WARNING", "--loop", loop], env=env)
     try:
         target = f"127.0.0.1:{sport}"
         _wait_health(target, server)
@@ -312,11 +334,13 @@ def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print) -> 
         if not meta.can_stream or meta.input_kind != "float":
             raise ValueError(f"model {model!r} must be a float-input streaming model for this bench")
         echo = subprocess.Popen([sys.executable, "-m", "serving.bench", "echo-server", "--port",
-                                 str(eport), "--outputs", str(meta.output_size)], env=env)
+                                 str(eport), "--outputs", str(meta.output_size), "--loop", loop],
+                                env=env)
         try:
             _ready_echo(f"127.0.0.1:{eport}")
             log(f"model {model}: {meta.cell} {meta.layers}x{meta.hidden}, ONNX Runtime "
-                f"{meta.ort_provider}, cell {meta.cell_device}; {steps} steps per path")
+                f"{meta.ort_provider}, cell {meta.cell_device}; {steps} steps per path; "
+                f"server and echo on the {eventloop.resolve(loop)} event loop")
             measured = asyncio.run(measure(f"127.0.0.1:{eport}", target, model,
                                            meta.input_features, steps))
         finally:
@@ -338,7 +362,8 @@ def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print) -> 
         ratios[path] = {"vs": base, "ratio": round(ratio, 3), "target": bound, "met": ok}
     mux = by_path["step-multiplex-100"]["steps_per_s"]
     ratios["step-multiplex-100"] = {"session_steps_per_s": mux, "target": 100_000, "met": mux >= 100_000}
-    return {"model": model, "device": {"ort": meta.ort_provider, "cell": meta.cell_device},
+    return {"model": model, "loop": eventloop.resolve(loop),
+            "device": {"ort": meta.ort_provider, "cell": meta.cell_device},
             "rows": rows, "targets": ratios, "memory": mem}
 
 
@@ -368,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="serving.bench echo-server")
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--outputs", type=int, default=1)
+        p.add_argument("--loop", default="auto", choices=eventloop.CHOICES)
         a = p.parse_args(argv[1:])
-        echo_server_main(a.port, a.outputs)
+        echo_server_main(a.port, a.outputs, a.loop)
         return 0
     if argv and argv[0] == "serve":
         argv = argv[1:]
@@ -378,11 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="sine-lstm")
     p.add_argument("--steps", type=int, default=3000, help="measured steps per latency path")
     p.add_argument("--sessions", type=int, default=100_000, help="live sessions for the memory figure (0 skips)")
+    p.add_argument("--loop", default="auto", choices=eventloop.CHOICES,
+                   help="event loop of both servers (seqserve serve --loop)")
     p.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     p.add_argument("--out", default="reports/bench_serve.json", help="full report (rows, ratios, memory)")
     a = p.parse_args(argv)
     quiet = (lambda *_: None) if a.json else print
-    report = bench_serve(a.repo, a.model, a.steps, a.sessions, log=quiet)
+    report = bench_serve(a.repo, a.model, a.steps, a.sessions, log=quiet, loop=a.loop)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -22,8 +22,7 @@ DEFAULT_TARGET = os.environ.get("SEQSERVE_TARGET", "127.0.0.1:50051")
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    import asyncio
-
+    from serving import eventloop
     from serving.server import StartupFailed, serve
     from serving.settings import from_args
 
@@ -31,7 +30,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(settings))
+        eventloop.run(serve(settings), settings.loop)
     except StartupFailed as exc:
         print(f"seqserve serve: error: {exc}", file=sys.stderr)
         return 1

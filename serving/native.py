@@ -12,6 +12,7 @@ import json
 import time
 from math import isfinite
 
+import grpc
 import numpy as np
 from grpc.aio import AbortError
 
@@ -22,10 +23,32 @@ from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
 from serving.runtime.sessions import SessionManager
 from serving.tensors import from_array, step_input, to_array
+from serving.wire import (ReplyEncoder, StepTemplate, parse_request, step_handler,
+                          stream_steps_handler)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 _OK = 0
+
+
+def add_to_server(servicer: "InferenceServicer", server) -> None:
+    """The generated registration, with StreamSteps taking bytes and both StreamSteps and
+    Step answering bytes where they wrote the reply themselves (serving.wire)."""
+
+    class _Capture:  # what the generated add_*_to_server hands a server
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.handlers = dict(handlers)
+
+    cap = _Capture()
+    pb_grpc.add_InferenceServicer_to_server(servicer, cap)
+    handlers = cap.handlers
+    handlers["StreamSteps"] = stream_steps_handler(servicer.StreamSteps)
+    handlers["Step"] = step_handler(servicer.Step)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def sequence_of(request):
@@ -57,6 +80,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._predicting: dict[str, int] = {}  # model -> Predict calls running in threads
         self._step_latency = metrics.latency("Step")
         self._stream_latency = metrics.latency("StreamSteps")
+        self._replies: dict[int, ReplyEncoder] = {}  # outputs -> StreamSteps reply writer
 
     # ---- models ------------------------------------------------------------------
 
@@ -166,6 +190,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @errors.unary("Step")
     async def Step(self, request, context):
         t0 = time.perf_counter()
+        s = request
+        if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
+            # the hot path, as in StreamSteps: a live session's plain next step
+            ms = self.sessions.models.get(s.model)
+            vals = _one_float_row(s, ms.info) if ms is not None else None
+            which = s.WhichOneof("sequence")
+            left = context.time_remaining()
+            if vals is not None and which and (left is None or left > 0):
+                res = self.sessions.try_plain_step(ms, getattr(s, which), vals, tenant_of(context))
+                if res is not None:
+                    if res.__class__ is not tuple:  # queued for this loop pass's batch
+                        await res.future
+                        res = res.results[0]
+                        if isinstance(res, BaseException):
+                            raise res
+                    reply = self._encoder(res[0].shape[1]).unary_reply(*res)
+                    self._step_latency.observe(time.perf_counter() - t0)
+                    return reply
         model, version, seq, x, start, end, checked = self._step_x(request)
         y, pos = await self.sessions.step_with_position(
             model, version, seq, x, start=start, end=end, tenant=tenant_of(context),
@@ -176,52 +218,85 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._step_latency.observe(time.perf_counter() - t0)
         return reply
 
+    def _encoder(self, outputs: int) -> ReplyEncoder:
+        enc = self._replies.get(outputs)
+        if enc is None:
+            enc = self._replies[outputs] = ReplyEncoder(outputs)
+        return enc
+
     async def StreamSteps(self, request_iterator, context):
         # serving.errors.stream written inline: its extra async-generator layer
-        # cost every message a resume and a yield
+        # cost every message a resume and a yield. Requests arrive as bytes
+        # (serving.wire): a stream's repeated plain step is read from its
+        # template without a parse, and its reply is written as bytes.
         try:
             tenant = tenant_of(context)
             sessions = self.sessions
             models = sessions.models
             latency = self._stream_latency
-            async for message in request_iterator:
+            template = None  # this stream's last plain step, for wire.StepTemplate.values
+            async for raw in request_iterator:
                 t0 = time.perf_counter()
-                steps = message.steps
-                batch = message.HasField("batch")
-                if not steps and not batch:
-                    yield pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
-                    continue
-                if batch:
-                    reply = await self._session_batch(message.batch, tenant)
-                    if steps:
-                        reply.results.extend((await self._step_many(steps, tenant)).results)
-                elif len(steps) == 1:  # the common case, without step_many's lists
+                plain = message = None  # plain: (ModelSessions, sequence id, F floats)
+                if template is not None:
+                    vals = template.values(raw)
+                    if vals is not None and isfinite(sum(vals)) and models.get(template.model) is template.ms:
+                        plain = template.ms, template.sequence_id, vals
+                if plain is None:
+                    message = parse_request(raw)
+                    steps = message.steps
+                    batch = message.HasField("batch")
+                    if batch or len(steps) != 1:
+                        if batch:
+                            reply = await self._session_batch(message.batch, tenant)
+                            if steps:
+                                reply.results.extend((await self._step_many(steps, tenant)).results)
+                        elif steps:
+                            reply = await self._step_many(steps, tenant)
+                        else:
+                            reply = pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
+                        latency.observe(time.perf_counter() - t0)
+                        yield reply
+                        continue
                     s = steps[0]
-                    try:
-                        res = None
-                        if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
-                            # the hot path: a live session's next step (sessions.try_plain_step)
-                            ms = models.get(s.model)
-                            vals = _one_float_row(s, ms.info) if ms is not None else None
-                            which = s.WhichOneof("sequence")
-                            if vals is not None and which:
-                                res = sessions.try_plain_step(ms, getattr(s, which), vals, tenant)
-                        if res is None:
-                            model, version, seq, x, start, end, checked = self._step_x(s)
-                            res = await sessions.step_with_position(
-                                model, version, seq, x, start=start, end=end, tenant=tenant,
-                                checked=checked,
-                                expect=s.expected_position if s.HasField("expected_position") else None)
-                        y, pos = res
+                    if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
+                        ms = models.get(s.model)
+                        vals = _one_float_row(s, ms.info) if ms is not None else None
+                        which = s.WhichOneof("sequence")
+                        if vals is not None and which:
+                            plain = ms, getattr(s, which), vals
+                try:
+                    res = None
+                    if plain is not None:  # the hot path: a live session's next step
+                        ms, seq, vals = plain
+                        res = sessions.try_plain_step(ms, seq, vals, tenant)
+                        if res is not None:
+                            if res.__class__ is not tuple:  # queued for this loop pass's batch
+                                await res.future
+                                res = res.results[0]
+                                if isinstance(res, BaseException):
+                                    raise res
+                            if message is not None and raw.__class__ is bytes:
+                                template = StepTemplate.learn(raw, message, vals, ms, seq, s.model)
+                    if res is None:
+                        if message is None:
+                            message = parse_request(raw)
+                            s = message.steps[0]
+                        model, version, seq, x, start, end, checked = self._step_x(s)
+                        res = await sessions.step_with_position(
+                            model, version, seq, x, start=start, end=end, tenant=tenant,
+                            checked=checked,
+                            expect=s.expected_position if s.HasField("expected_position") else None)
+                    y, pos = res
+                    if y.shape[0] == 1:
+                        reply = self._encoder(y.shape[1]).step_reply(y, pos)
+                    else:  # a chunk of T steps
                         reply = pb.StreamStepsResponse()
                         r = reply.results.add(position=pos)
-                        ry = r.y
-                        ry.shape.extend(y.shape)  # (T, out)
-                        ry.float_data.extend(y.ravel().tolist())
-                    except Exception as exc:  # noqa: BLE001 - reported on this step only
-                        reply = pb.StreamStepsResponse(results=[_error_result(exc)])
-                else:
-                    reply = await self._step_many(steps, tenant)
+                        r.y.shape.extend(y.shape)  # (T, out)
+                        r.y.float_data.extend(y.ravel().tolist())
+                except Exception as exc:  # noqa: BLE001 - reported on this step only
+                    reply = pb.StreamStepsResponse(results=[_error_result(exc)])
                 latency.observe(time.perf_counter() - t0)
                 yield reply
         except AbortError:

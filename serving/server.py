@@ -22,8 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
-from serving import bulk, metrics
+from serving import bulk, metrics, native
 from serving.auth import AuthInterceptor, TokenTable
 from serving.guard import Guarded
 from serving.native import SERVICE, InferenceServicer
@@ -104,7 +103,7 @@ class Server:
         self.grpc = grpc.aio.server(options=opts, interceptors=interceptors,
                                     maximum_concurrent_rpcs=s.max_concurrent_rpcs or None)
         guarded = Guarded(self.grpc)  # unparsable unary requests: INVALID_ARGUMENT
-        pb_grpc.add_InferenceServicer_to_server(
+        native.add_to_server(
             InferenceServicer(self.registry, self.sessions, s.max_predict_inflight), guarded)
         pool = None
         for plugin in _plugins():
@@ -129,7 +128,8 @@ class Server:
         await self.grpc.start()
         self.metrics_http = metrics.start_http(s.metrics_port, s.host)
         metrics.attach(self)
-        log.info("listening on %s:%d (models loading)", s.host, self.port)
+        log.info("listening on %s:%d (models loading; event loop %s)", s.host, self.port,
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
         self._tasks.append(asyncio.create_task(self._load()))
         return self.port
 

@@ -61,6 +61,8 @@ class Settings:
     """Seconds in-flight RPCs get to finish on shutdown."""
     log_level: str = "INFO"
     """Logging level."""
+    loop: str = "auto"
+    """Event loop: auto (uvloop when installed, else asyncio) | uvloop | asyncio."""
 
     def validate(self) -> "Settings":
         if self.device not in ("auto", "cpu", "cuda"):
@@ -88,6 +90,9 @@ class Settings:
             raise ValueError(f"--bulk-nice must be 0..19, got {self.bulk_nice}")
         if self.session_idle_s <= 0:
             raise ValueError("--session-idle-s must be positive")
+        from serving.eventloop import resolve
+
+        resolve(self.loop)  # raises on an unknown loop, or uvloop asked for but missing
         self.pins()  # raises on a malformed NAME:VERSION
         return self
 

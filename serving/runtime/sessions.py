@@ -84,6 +84,27 @@ class _Call:
         self.deadline = deadline
 
 
+class _Plain:
+    """A queued plain step (SessionManager.try_plain_step): slot, F floats, caller.
+
+    `free`/`index` let `_done` treat it as an _Item; a flush that cannot run
+    it in the plain batch makes it a full _Item (`_as_item`)."""
+
+    __slots__ = ("slot", "values", "call")
+    free = False
+    index = 0
+
+    def __init__(self, slot, values, call):
+        self.slot = slot
+        self.values = values
+        self.call = call
+
+
+def _as_item(ms, it: _Plain) -> "_Item":
+    return _Item(it.slot, np.array([it.values], np.float32), None, False, False, it.call, 0,
+                 key=ms.keys[it.slot])
+
+
 class _Item:
     """One unit of queued work for one session slot.
 
@@ -135,7 +156,8 @@ class ModelSessions:
         self.ans_len = np.zeros(cap, np.int32)
         self.ans_start = np.zeros(cap, np.bool_)
         self.chunk_y: dict[int, np.ndarray] = {}  # slot -> (T, out) of its last chunk
-        self.pending: list[_Item] = []
+        self.pending: list = []  # _Item | _Plain, in arrival order
+        self.n_plain = 0  # how many of them are _Plain
         self.scheduled = False
         self.last_arrival = 0.0
         # adaptive batching (see module doc)
@@ -394,40 +416,55 @@ class SessionManager:
         return res
 
     def try_plain_step(self, ms: ModelSessions, sequence_id, values, tenant: str = ""):
-        """The hot path of streaming: one plain step of a live session, run now.
+        """The hot path of streaming: one plain step of a live session.
 
         Plain: no start, end, expected position or deadline; values: the F
-        finite floats of one float-input step. Taken only when `_admit` would
-        run the step inline anyway (nothing queued for the model, no batching
-        window open) and the session exists; it does the same bookkeeping
-        without building the objects the general path needs to queue, and
-        the cell writes y straight into the session's last-output row.
-        Returns (y (1, out) - a view of that row: read it before the
-        session's next step -, position), or None: then the caller takes the
-        general path, which also reports every error (unknown model or
-        session, shutting down). ms: the model's sessions (`self.models[name]`).
+        finite floats of one float-input step. The same decisions as
+        `_admit`, without the objects the general path builds:
+          quiet  the step runs now and the cell writes y straight into the
+                 session's last-output row; returns (y (1, out) - a view of
+                 that row: read it before the session's next step -, position);
+          busy   the step joins the model's queue as a light `_Plain` item
+                 (its input stays a list until the flush packs every queued
+                 step into one array); returns its `_Call`: await
+                 call.future, then call.results[0] is (y, position) or the
+                 error.
+        None when the step is not plain after all (unknown session, a full
+        queue, a cell this path does not drive, shutting down): then the
+        caller takes the general path, which also reports every error.
+        ms: the model's sessions (`self.models[name]`).
         """
-        if self.closing or ms.pending:
+        if self.closing:
             return None
-        now = time.monotonic()
-        if ms.batching:
-            if now - ms.last_arrival <= BATCH_WINDOW_S:
-                return None  # concurrent arrivals: the general path queues them for one call
-        elif now >= ms.next_probe:
-            return None  # time to probe batching again: the general path does it
         slot = ms.table.get((tenant, sequence_id) if tenant else sequence_id)
         if slot is None:
             return None
-        row = ms.last_y[slot]
-        try:
-            if not ms.cell.step_into(values, slot, row):
-                return None
-        except Exception:
-            log.exception("cell step failed for model %s", ms.info.name)
-            raise
+        now = time.monotonic()
+        pending = ms.pending
+        if not ms.batching and now >= ms.next_probe:
+            ms.batching = True  # probe again: load may have changed
+        if not pending and (not ms.batching or now - ms.last_arrival > BATCH_WINDOW_S):
+            try:
+                if not ms.cell.step_into(values, slot, ms.last_y):
+                    return None
+            except Exception:
+                log.exception("cell step failed for model %s", ms.info.name)
+                raise
+            ms.last_arrival = now
+            ms.last_used[slot] = now
+            return ms.last_y[slot: slot + 1], self._count_one(ms, slot)
+        if len(pending) >= self.max_queue:
+            return None  # the general path refuses it with the limit named
         ms.last_arrival = now
         ms.last_used[slot] = now
-        return row[None], self._count_one(ms, slot)
+        loop = asyncio.get_running_loop()
+        call = _Call(loop.create_future(), 1)
+        pending.append(_Plain(slot, values, call))
+        ms.n_plain += 1
+        if not ms.scheduled:
+            ms.scheduled = True
+            loop.call_soon(self._flush, ms)
+        return call
 
     async def step_many(self, requests, deadline=None) -> list:
         """Steps for many sessions at once (a multiplexed stream message).
@@ -660,6 +697,7 @@ class SessionManager:
     def _flush(self, ms: ModelSessions) -> None:
         ms.scheduled = False
         items, ms.pending = ms.pending, []
+        plain, ms.n_plain = ms.n_plain, 0
         ms.probe_flushes += 1
         ms.probe_steps += len(items)
         if ms.probe_flushes >= PROBE_FLUSHES:
@@ -667,6 +705,10 @@ class SessionManager:
             if not ms.batching:
                 ms.next_probe = time.monotonic() + PROBE_EVERY_S
             ms.probe_flushes = ms.probe_steps = 0
+        if plain:
+            if plain == len(items) and self._run_plain(ms, items):
+                return
+            items = [_as_item(ms, it) if it.__class__ is _Plain else it for it in items]
         while items:
             seen, now, later = set(), [], []
             for it in items:
@@ -751,6 +793,42 @@ class SessionManager:
         pos = ms.position
         for i, it in enumerate(items):
             self._done(ms, it, (y[i:i + 1], int(pos[it.slot])))
+
+    def _run_plain(self, ms: ModelSessions, items: list) -> bool:
+        """A flush of nothing but `_Plain` steps: one cell.step call, array bookkeeping.
+
+        False (nothing done) when two items step the same session: the
+        general rounds then run them in order.
+        """
+        live = [it for it in items if not it.call.future.done()]  # cancelled callers: dropped
+        n = len(live)
+        if not n:
+            return True
+        slots = [it.slot for it in live]
+        if n > 1 and len(set(slots)) != n:
+            return False
+        sl = np.array(slots, np.int64)
+        try:
+            y = ms.cell.step(np.array([it.values for it in live], np.float32), sl)  # (n, out)
+        except Exception as exc:  # noqa: BLE001 - every caller of this flush gets it
+            log.exception("cell step failed for model %s", ms.info.name)
+            for it in live:
+                self._done(ms, it, exc)
+            return True
+        ms.position[sl] += 1
+        ms.last_y[sl] = y
+        ms.ans_expect[sl] = -1
+        ms.ans_len[sl] = 1
+        ms.ans_start[sl] = False
+        if self.observer is not None:
+            self.observer.batch(ms.info.name, n)
+        pos = ms.position[sl].tolist()
+        for i, it in enumerate(live):
+            call = it.call
+            call.results[0] = (y[i:i + 1], pos[i])
+            call.left = 0
+            call.future.set_result(None)
+        return True
 
     def _apply_one(self, ms: ModelSessions, slot: int, x, expect: int = -1, start: bool = False):
         """One step of one slot, run now, with its bookkeeping -> (y (1, out), position).

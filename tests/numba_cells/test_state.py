@@ -186,13 +186,21 @@ def test_step_one_tokens(model_file):
 def test_step_into_writes_steps_output_in_place(cell, model_file):
     twin = load_cell(model_file("torch", cell=cell.spec.cell, layers=2, hidden=16, features=3),
                      device="cpu", capacity=8)
-    out = np.full((4, 2), 7.0, np.float32)  # row 1 receives the output
+    rows = np.full((8, 2), 7.0, np.float32)  # rows[5] receives slot 5's output
     for t, vals in enumerate(([0.1, -0.2, 0.3], [1.0, 0.5, -1.5])):
-        assert cell.step_into(vals, 5, out[1]) is True
-        np.testing.assert_array_equal(out[1], twin.step(np.array([vals], np.float32), [5])[0])
-    assert (out[[0, 2, 3]] == 7.0).all()
-    before = out[1].copy()
-    with pytest.raises(CellError, match="out of range"):
-        cell.step_into([0.0, 0.0, 0.0], 8, out[1])
-    np.testing.assert_array_equal(out[1], before)  # a refused step writes nothing
-    assert cell.step_into([0.0] * 3, 5, out[:, 0]) is False  # not contiguous: the caller's other path
+        assert cell.step_into(vals, 5, rows) is True
+        np.testing.assert_array_equal(rows[5], twin.step(np.array([vals], np.float32), [5])[0])
+        np.testing.assert_array_equal(cell.read(5)["h"], twin.read(5)["h"])
+    assert (np.delete(rows, 5, axis=0) == 7.0).all()
+    before = rows.copy()
+    for bad in (8, -1):
+        with pytest.raises(CellError, match="out of range"):
+            cell.step_into([0.0, 0.0, 0.0], bad, rows)
+    np.testing.assert_array_equal(rows, before)  # a refused step writes nothing
+    np.testing.assert_array_equal(cell.read(5)["h"], twin.read(5)["h"])
+    with pytest.raises(CellError, match="out of range"):  # a slot past the table, not the cell
+        cell.step_into([0.0] * 3, 5, rows[:4])
+    # layouts this path does not take: the caller's other path
+    assert cell.step_into([0.0] * 3, 5, np.zeros((8, 4), np.float32)[:, ::2]) is False
+    assert cell.step_into([0.0] * 3, 5, np.zeros((8, 2), np.float64)) is False
+    assert cell.step_into([0.0] * 3, 5, np.zeros((8, 3), np.float32)) is False

@@ -1,5 +1,6 @@
 """Session semantics through the server: parity under interleaving, ordering,
 restart, capacity, idle expiry."""
+import asyncio
 import random
 import threading
 import time
@@ -136,41 +137,63 @@ def test_batches_form_when_steps_arrive_together(server):
 
 def test_plain_step_fast_path_matches_the_general_path_and_declines_what_it_cannot_do(server, model_repo, kit):
     """SessionManager.try_plain_step (the streaming hot path) gives the numbers,
-    positions and last output the general path gives, and returns None (so
-    the general path decides and reports) whenever it is not a plain step of
-    a live session at a quiet model."""
+    positions and last output the general path gives - run at once when the
+    model is quiet, queued and flushed as one batch while a batching window
+    is open, in arrival order with general steps of the same session - and
+    returns None (so the general path decides and reports) whenever it is
+    not a plain step of a live session."""
     from serving.runtime import sessions as sessions_mod
 
     sm = server.server.sessions
     ms = sm.models["gru"]
-    xs = np.random.default_rng(12).standard_normal((6, 3)).astype(np.float32)
+    xs = np.random.default_rng(12).standard_normal((9, 3)).astype(np.float32)
 
     async def scenario():
         await sm.step_with_position("gru", None, "fast", xs[:1], start=True)
+        await sm.step_with_position("gru", None, "other", xs[:1], start=True)
         taken = []
         for t in range(1, 6):
             ms.last_arrival = 0.0  # quiet: as for a client stepping alone
-            res = sm.try_plain_step(ms, "fast", xs[t:t + 1])
-            taken.append(res is not None)
+            res = sm.try_plain_step(ms, "fast", xs[t].tolist())
+            taken.append(type(res) is tuple)
             if res is None:
                 res = await sm.step_with_position("gru", None, "fast", xs[t:t + 1], checked=True)
             assert res[1] == t + 1
-        state = await sm.read("gru", "fast")
-        declined = {
-            "unknown session": sm.try_plain_step(ms, "nobody", xs[:1]),
-            "unknown model": sm.models.get("nope"),  # the caller's lookup: no ModelSessions to hand over
-            "other tenant": sm.try_plain_step(ms, "fast", xs[:1], tenant="t2"),
-        }
-        ms.last_arrival = time.monotonic() + 1.0  # a batching window is open
+        # busy: a batching window is open, so the steps queue. Steps 6 and 7 of
+        # "fast" (7 through the general path) and one of "other": one flush runs
+        # them in arrival order, the two of "fast" in two rounds.
+        ms.last_arrival = time.monotonic() + 1.0
         ms.batching = True
-        declined["batching window"] = sm.try_plain_step(ms, "fast", xs[:1])
+        q6 = sm.try_plain_step(ms, "fast", xs[6].tolist())
+        q_other = sm.try_plain_step(ms, "other", xs[1].tolist())
+        g7 = asyncio.ensure_future(sm.step_with_position("gru", None, "fast", xs[7:8], checked=True))
+        queued = [type(q) is sessions_mod._Call for q in (q6, q_other)]
+        await asyncio.gather(q6.future, q_other.future, g7)
+        positions = [q6.results[0][1], q_other.results[0][1], g7.result()[1]]
+        # a flush of plain steps only: one batch
+        ms.last_arrival = time.monotonic() + 1.0
+        q8 = sm.try_plain_step(ms, "fast", xs[8].tolist())
+        q_o2 = sm.try_plain_step(ms, "other", xs[2].tolist())
+        await asyncio.gather(q8.future, q_o2.future)
+        positions += [q8.results[0][1], q_o2.results[0][1]]
         ms.last_arrival = 0.0  # leave the shared server as it was
-        return taken, state, declined
+        state = await sm.read("gru", "fast")
+        other = await sm.read("gru", "other")
+        declined = {
+            "unknown session": sm.try_plain_step(ms, "nobody", xs[0].tolist()),
+            "unknown model": sm.models.get("nope"),  # the caller's lookup: no ModelSessions to hand over
+            "other tenant": sm.try_plain_step(ms, "fast", xs[0].tolist(), tenant="t2"),
+        }
+        return taken, queued, positions, state, other, declined
 
-    taken, state, declined = server.call(scenario)
-    assert all(taken) and sessions_mod.BATCH_WINDOW_S > 0
+    taken, queued, positions, state, other, declined = server.call(scenario)
+    assert all(taken) and all(queued) and sessions_mod.BATCH_WINDOW_S > 0
+    assert positions == [7, 2, 8, 9, 3]
     assert all(v is None for v in declined.values()), declined
     want = kit.ort_reference(model_repo / "gru/1/model.onnx", xs[None])
-    assert state["position"] == 6
+    assert state["position"] == 9
     assert np.abs(state["last_y"] - want["y"][0, -1]).max() <= 1e-4
     assert np.abs(state["h"] - want["hn"][:, 0]).max() <= 1e-4
+    want_o = kit.ort_reference(model_repo / "gru/1/model.onnx", xs[None, :3])
+    assert other["position"] == 3
+    assert np.abs(other["h"] - want_o["hn"][:, 0]).max() <= 1e-4

@@ -21,3 +21,22 @@ def test_bad_settings_are_named(argv, env, words):
     with pytest.raises(ValueError) as e:
         from_args(argv, env)
     assert words in str(e.value)
+
+
+def test_event_loop_choice():
+    from serving import eventloop
+
+    assert eventloop.resolve("asyncio") == "asyncio"
+    assert eventloop.resolve("auto") == "uvloop"  # a core dependency on Linux
+    assert eventloop.resolve("uvloop") == "uvloop"
+    with pytest.raises(ValueError, match="--loop must be one of auto, uvloop, asyncio"):
+        eventloop.resolve("trio")
+    with pytest.raises(ValueError, match="--loop must be one of"):
+        from_args(["--loop", "tokio"])
+
+    async def which():
+        import asyncio
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert eventloop.run(which(), "uvloop") == "uvloop"
+    assert eventloop.run(which(), "asyncio") == "asyncio"

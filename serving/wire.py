@@ -1,0 +1,157 @@
+"""StreamSteps on the wire: the common message read and answered as bytes.
+
+A device streaming its values sends, step after step, the same
+StreamStepsRequest but for the numbers: one StepRequest with the same model,
+the same sequence id and no flags, whose `x.float_data` (a packed run of F
+little-endian float32s) is the only part that changes. Protobuf decoding is
+a pure function of the bytes and fixed32 floats cannot change the structure
+around them, so once one such message of a stream has been parsed and taken
+the hot path, any later message of that stream with the same length and the
+same bytes before and after the float run IS that message with new values:
+`StepTemplate.values(raw)` reads them with one struct call instead of a parse
+and a dozen field reads. Anything else - another length, other bytes, a
+message not in protobuf's canonical encoding, a float run that also occurs
+elsewhere in the bytes - does not match, and goes through the protobuf
+parse and the general checks as before.
+
+The reply of a step, StreamStepsResponse{results: [StepResponse{y: Tensor{
+shape: [1, out], float_data: y}, position}]}, is written the same way by
+`step_reply` (tests compare it byte for byte with protobuf's own encoding).
+
+`handlers(servicer)` registers StreamSteps with bytes in (the servicer
+parses what the template does not match) and bytes or messages out.
+"""
+from __future__ import annotations
+
+import struct
+import sys
+
+from protos.seqserve.v1 import inference_pb2 as pb
+
+_FIELD_1_LEN = b"\x0a"  # field 1, length-delimited: results / y / shape
+_FIELD_2_LEN = b"\x12"  # field 2, length-delimited: float_data
+_FIELD_2_VARINT = b"\x10"  # field 2, varint: position
+_LITTLE = sys.byteorder == "little"  # float32 bytes as protobuf wants them: little-endian
+
+
+def _floats(y) -> bytes:
+    return y.tobytes() if _LITTLE else y.astype("<f4").tobytes()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _check_field_numbers() -> None:
+    """The constants above, checked against the compiled descriptors at import."""
+    want = {(pb.StreamStepsResponse, "results"): 1, (pb.StepResponse, "y"): 1,
+            (pb.StepResponse, "position"): 2, (pb.Tensor, "shape"): 1, (pb.Tensor, "float_data"): 2}
+    for (msg, field), number in want.items():
+        got = msg.DESCRIPTOR.fields_by_name[field].number
+        if got != number:  # the proto changed: this module must follow
+            raise RuntimeError(f"{msg.DESCRIPTOR.full_name}.{field} is field {got}, wire.py assumes {number}")
+
+
+_check_field_numbers()
+
+
+class ReplyEncoder:
+    """StreamStepsResponse bytes for one step's (1, out) float32 y and position."""
+
+    __slots__ = ("out", "_y_head")
+
+    def __init__(self, out: int):
+        self.out = out
+        shape = _varint(1) + _varint(out)
+        tensor_len = 1 + len(_varint(len(shape))) + len(shape) + 1 + len(_varint(4 * out)) + 4 * out
+        # StepResponse up to y's floats: y's tag and length, shape, float_data's tag and length
+        self._y_head = (_FIELD_1_LEN + _varint(tensor_len) + _FIELD_1_LEN + _varint(len(shape))
+                        + shape + _FIELD_2_LEN + _varint(4 * out))
+
+    def unary_reply(self, y, position: int) -> bytes:
+        """StepResponse bytes (the unary Step's reply). y: float32 C-contiguous,
+        `out` values (a (1, out) row); position >= 1."""
+        return self._y_head + _floats(y) + _FIELD_2_VARINT + _varint(position)
+
+    def step_reply(self, y, position: int) -> bytes:
+        """StreamStepsResponse bytes holding that one StepResponse."""
+        step = self._y_head + _floats(y) + _FIELD_2_VARINT + _varint(position)
+        return _FIELD_1_LEN + _varint(len(step)) + step
+
+
+class StepTemplate:
+    """One stream's plain-step message with the float run cut out (see module doc).
+
+    learn(raw, values, ...) -> a template, or None when the floats cannot be
+    located unambiguously; template.values(raw) -> the F floats of a message
+    that matches, else None.
+    """
+
+    __slots__ = ("size", "head", "tail", "offset", "fmt", "ms", "sequence_id", "model")
+
+    def __init__(self, raw: bytes, offset: int, count: int, ms, sequence_id, model: str):
+        self.size = len(raw)
+        self.head = raw[:offset]
+        self.tail = raw[offset + 4 * count:]
+        self.offset = offset
+        self.fmt = struct.Struct(f"<{count}f")
+        self.ms = ms
+        self.sequence_id = sequence_id
+        self.model = model
+
+    @classmethod
+    def learn(cls, raw: bytes, message, values, ms, sequence_id, model: str) -> "StepTemplate | None":
+        """A template from a message that took the hot path, or None.
+
+        message: `raw` parsed; values: its one step's x.float_data. Only a
+        message in protobuf's own (canonical) encoding is learned: there the
+        floats are one packed run, so if that run occurs once in the bytes,
+        the occurrence is the field itself (never, say, the same bytes inside
+        a sequence key, which would make two).
+        """
+        if message.SerializeToString() != raw:
+            return None
+        run = struct.pack(f"<{len(values)}f", *values)
+        at = raw.find(run)
+        if at < 0 or raw.find(run, at + 1) >= 0:
+            return None
+        return cls(raw, at, len(values), ms, sequence_id, model)
+
+    def values(self, raw: bytes):
+        if len(raw) == self.size and raw.startswith(self.head) and raw.endswith(self.tail):
+            return self.fmt.unpack_from(raw, self.offset)
+        return None
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
+
+
+def _reply_bytes(reply) -> bytes:
+    return reply if reply.__class__ is bytes else reply.SerializeToString()
+
+
+def stream_steps_handler(behaviour):
+    """StreamSteps' method handler: requests arrive as bytes, replies go as bytes or messages."""
+    import grpc
+
+    return grpc.stream_stream_rpc_method_handler(behaviour, request_deserializer=_identity,
+                                                 response_serializer=_reply_bytes)
+
+
+def step_handler(behaviour):
+    """Step's method handler: requests parsed as usual, replies bytes or messages."""
+    import grpc
+
+    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=pb.StepRequest.FromString,
+                                               response_serializer=_reply_bytes)
+
+
+def parse_request(raw) -> pb.StreamStepsRequest:
+    """A StreamStepsRequest from the wire (or one already parsed, for in-process callers)."""
+    return pb.StreamStepsRequest.FromString(raw) if raw.__class__ is bytes else raw

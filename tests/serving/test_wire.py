@@ -1,0 +1,85 @@
+"""serving.wire: hand-written StreamSteps bytes against protobuf's own encoding."""
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protos.seqserve.v1 import inference_pb2 as pb
+from serving.wire import ReplyEncoder, StepTemplate, parse_request
+
+
+def _pb_reply(y: np.ndarray, position: int) -> bytes:
+    reply = pb.StreamStepsResponse()
+    r = reply.results.add(position=position)
+    r.y.shape.extend(y.shape)
+    r.y.float_data.extend(y.ravel().tolist())
+    return reply.SerializeToString()
+
+
+@settings(max_examples=200, deadline=None)
+@given(out=st.integers(1, 300), position=st.integers(1, 2**62),
+       seed=st.integers(0, 2**32 - 1))
+def test_step_reply_is_protobufs_encoding_byte_for_byte(out, position, seed):
+    y = np.random.default_rng(seed).standard_normal((1, out)).astype(np.float32)
+    enc = ReplyEncoder(out)
+    got = enc.step_reply(y, position)
+    assert got == _pb_reply(y, position)
+    back = pb.StreamStepsResponse.FromString(got)
+    assert back.results[0].position == position and list(back.results[0].y.shape) == [1, out]
+    np.testing.assert_array_equal(np.array(back.results[0].y.float_data, np.float32), y[0])
+    # the unary Step's reply is the inner StepResponse
+    inner = pb.StepResponse(position=position, y=pb.Tensor(shape=[1, out], float_data=y[0].tolist()))
+    assert enc.unary_reply(y, position) == inner.SerializeToString()
+
+
+def _msg(key, values, **kw):
+    return pb.StreamStepsRequest(steps=[pb.StepRequest(
+        model="m", sequence_key=key, x=pb.Tensor(shape=[len(values)], float_data=values), **kw)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.text(min_size=1, max_size=40), F=st.integers(1, 16), data=st.data())
+def test_template_reads_exactly_what_a_parse_reads_or_declines(key, F, data):
+    floats = st.floats(width=32, allow_nan=False, allow_infinity=False)
+    first = data.draw(st.lists(floats, min_size=F, max_size=F))
+    m = _msg(key, first)
+    raw = m.SerializeToString()
+    vals = list(m.steps[0].x.float_data)
+    t = StepTemplate.learn(raw, m, vals, ms=None, sequence_id=key, model="m")
+    if t is None:  # the run of floats also occurs elsewhere: declined, never guessed
+        packed = struct.pack(f"<{F}f", *vals)
+        assert raw.count(packed) != 1 or raw.find(packed) != raw.rfind(packed)
+        return
+    for _ in range(5):
+        nxt = data.draw(st.lists(floats, min_size=F, max_size=F))
+        raw2 = _msg(key, nxt).SerializeToString()
+        got = t.values(raw2)
+        assert got is not None
+        assert list(got) == list(parse_request(raw2).steps[0].x.float_data)
+    # anything else about the message differs: no match
+    assert t.values(_msg(key + "x", first).SerializeToString()) is None
+    assert t.values(_msg(key, first, start=True).SerializeToString()) is None
+    assert t.values(_msg(key, first + [1.0]).SerializeToString()) is None
+
+
+def test_template_declines_a_non_canonical_message_and_an_ambiguous_run():
+    m = _msg("dev-1", [0.25])
+    raw = m.SerializeToString()
+    # the same message with an empty field appended is still valid protobuf, but not canonical
+    assert StepTemplate.learn(raw + b"\x12\x00", m, [0.25], None, "dev-1", "m") is None
+    # the floats' bytes also inside the key: two occurrences, so no template
+    key = "k" + struct.pack("<f", 0.25).decode("latin-1")
+    m2 = _msg(key, [0.25])
+    raw2 = m2.SerializeToString()
+    if raw2.count(struct.pack("<f", 0.25)) > 1:
+        assert StepTemplate.learn(raw2, m2, [0.25], None, key, "m") is None
+
+
+def test_parse_request_passes_a_parsed_message_through_and_refuses_garbage():
+    m = _msg("a", [1.0])
+    assert parse_request(m) is m
+    from google.protobuf.message import DecodeError
+    with pytest.raises(DecodeError):
+        parse_request(b"\xff\xff\xff")
