@@ -41,6 +41,27 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def tune_gc(gen0: int) -> None:
+    """Keep Python's cycle collector off the step path once the models are loaded.
+
+    Loading leaves ~170k long-lived objects (ONNX, Numba, the models); every
+    full collection walks all of them, and with 256 busy streams the default
+    thresholds ran one every ~20k steps: 640 ms of collection per 100k steps,
+    ~6 us a step. gc.freeze() moves what exists now out of every future pass
+    and a larger young generation makes passes rarer: 46 ms per 100k steps
+    (measured with gc.callbacks in a live server, 256 streams). Reference
+    counting still frees everything that is not a cycle at once; cycles wait
+    a little longer.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0, gen1, gen2)
+    log.info("garbage collector: %d objects frozen, young generation %d", gc.get_freeze_count(), gen0)
+
+
 def model_health_name(model: str) -> str:
     """Health service name of one model: `seqserve.v1.Inference/NAME`."""
     return f"{SERVICE}/{model}"
@@ -160,6 +181,8 @@ class Server:
         for m in self.registry:
             await self.health.set(model_health_name(m.name), SERVING)
         log.info("ready: %d models in %.1f s", len(self.registry), time.perf_counter() - t0)
+        if s.gc_gen0:
+            tune_gc(s.gc_gen0)
         self.ready.set()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
 

@@ -63,6 +63,8 @@ class Settings:
     """Logging level."""
     loop: str = "auto"
     """Event loop: auto (uvloop when installed, else asyncio) | uvloop | asyncio."""
+    gc_gen0: int = 20_000
+    """Allocations between the garbage collector's young passes once ready (Python's default 700); what is loaded at start is frozen out of every pass. 0 keeps Python's defaults."""
 
     def validate(self) -> "Settings":
         if self.device not in ("auto", "cpu", "cuda"):
@@ -88,6 +90,8 @@ class Settings:
             check_token_file(self.auth_tokens)
         if not 0 <= self.bulk_nice <= 19:
             raise ValueError(f"--bulk-nice must be 0..19, got {self.bulk_nice}")
+        if self.gc_gen0 < 0:
+            raise ValueError("--gc-gen0 must be 0 (Python's defaults) or positive")
         if self.session_idle_s <= 0:
             raise ValueError("--session-idle-s must be positive")
         from serving.eventloop import resolve

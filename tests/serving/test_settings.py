@@ -40,3 +40,17 @@ def test_event_loop_choice():
 
     assert eventloop.run(which(), "uvloop") == "uvloop"
     assert eventloop.run(which(), "asyncio") == "asyncio"
+
+
+def test_gc_tuning_setting_and_effect():
+    import subprocess
+    import sys
+
+    with pytest.raises(ValueError, match="--gc-gen0 must be 0"):
+        from_args(["--gc-gen0", "-5"])
+    assert from_args([]).gc_gen0 == 20_000 and from_args(["--gc-gen0", "0"]).gc_gen0 == 0
+    # in a fresh interpreter: objects alive now are frozen, the young generation is larger
+    code = ("import gc, logging; from serving.server import tune_gc; keep = [[i] for i in range(5000)]; "
+            "tune_gc(12345); print(gc.get_threshold()[0], gc.get_freeze_count() >= 5000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["12345", "True"]
