@@ -20,6 +20,7 @@ from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 from serving import auth, errors, metrics
 from serving.errors import InvalidArgument
+from serving.guard import Unparsable
 from serving.runtime.registry import Registry
 from serving.runtime.sessions import SessionManager
 from serving.tensors import from_array, step_input, to_array
@@ -187,27 +188,44 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             x = step_input(s.x, m.info.input_features, m.info.input_kind == "tokens")
         return m.name, s.version or None, sequence_of(s), x, s.start, s.end, False
 
-    @errors.unary("Step")
     async def Step(self, request, context):
+        # serving.errors.unary and the guard's parse check written inline: each
+        # is a coroutine layer every call would pay for
         t0 = time.perf_counter()
-        s = request
-        if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
-            # the hot path, as in StreamSteps: a live session's plain next step
-            ms = self.sessions.models.get(s.model)
-            vals = _one_float_row(s, ms.info) if ms is not None else None
-            which = s.WhichOneof("sequence")
-            left = context.time_remaining()
-            if vals is not None and which and (left is None or left > 0):
-                res = self.sessions.try_plain_step(ms, getattr(s, which), vals, tenant_of(context))
-                if res is not None:
-                    if res.__class__ is not tuple:  # queued for this loop pass's batch
-                        await res.future
-                        res = res.results[0]
-                        if isinstance(res, BaseException):
-                            raise res
-                    reply = self._encoder(res[0].shape[1]).unary_reply(*res)
-                    self._step_latency.observe(time.perf_counter() - t0)
-                    return reply
+        try:
+            s = request
+            if s.__class__ is Unparsable:
+                raise InvalidArgument(f"the request is not a valid {pb.StepRequest.DESCRIPTOR.full_name} "
+                                      f"message ({s.error})")
+            reply = None
+            if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
+                # the hot path, as in StreamSteps: a live session's plain next step
+                ms = self.sessions.models.get(s.model)
+                vals = _one_float_row(s, ms.info) if ms is not None else None
+                which = s.WhichOneof("sequence")
+                left = context.time_remaining()
+                if vals is not None and which and (left is None or left > 0):
+                    res = self.sessions.try_plain_step(ms, getattr(s, which), vals, tenant_of(context))
+                    if res is not None:
+                        if res.__class__ is not tuple:  # queued for this loop pass's batch
+                            await res.future
+                            res = res.results[0]
+                            if isinstance(res, BaseException):
+                                raise res
+                        reply = self._encoder(res[0].shape[1]).unary_reply(*res)
+            if reply is None:
+                reply = await self._step_general(s, context)
+        except AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code, message = errors.classify(exc, "Step")
+            metrics.observe_request("Step", code)
+            await context.abort(errors.status_code(code), message, errors.trailing(exc))
+        metrics.observe_request("Step", "OK")
+        self._step_latency.observe(time.perf_counter() - t0)
+        return reply
+
+    async def _step_general(self, request, context) -> pb.StepResponse:
         model, version, seq, x, start, end, checked = self._step_x(request)
         y, pos = await self.sessions.step_with_position(
             model, version, seq, x, start=start, end=end, tenant=tenant_of(context),
@@ -215,7 +233,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         reply = pb.StepResponse(position=pos)
         reply.y.shape[:] = y.shape
         reply.y.float_data[:] = y.ravel().tolist()
-        self._step_latency.observe(time.perf_counter() - t0)
         return reply
 
     def _encoder(self, outputs: int) -> ReplyEncoder:

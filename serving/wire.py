@@ -145,10 +145,13 @@ def stream_steps_handler(behaviour):
 
 
 def step_handler(behaviour):
-    """Step's method handler: requests parsed as usual, replies bytes or messages."""
+    """Step's method handler: requests parsed without raising (the servicer
+    answers guard.Unparsable itself), replies bytes or messages."""
     import grpc
 
-    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=pb.StepRequest.FromString,
+    from serving.guard import safe
+
+    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=safe(pb.StepRequest.FromString),
                                                response_serializer=_reply_bytes)
 
 
