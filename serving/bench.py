@@ -232,8 +232,8 @@ async def measure(echo: str, server: str, model: str, features: int, steps: int,
             lat[f"{who}-fanout-{n}"] = []
             rate[f"{who}-fanout-{n}"] = [0, 0.0]
         per_stream = max(10, steps // n // 2)
-        for r in range(2):
-            for who, target in ((("echo", echo), ("step", server)) if r == 0 else
+        for r in range(4):  # echo, step, step, echo, echo, step, step, echo
+            for who, target in ((("echo", echo), ("step", server)) if r % 2 == 0 else
                                 (("step", server), ("echo", echo))):
                 k = f"{who}-fanout-{n}"
                 done, dt = await _fanout(target, model, x, n, per_stream, lat[k])
