@@ -18,8 +18,12 @@ The reply of a step, StreamStepsResponse{results: [StepResponse{y: Tensor{
 shape: [1, out], float_data: y}, position}]}, is written the same way by
 `step_reply` (tests compare it byte for byte with protobuf's own encoding).
 
-`handlers(servicer)` registers StreamSteps with bytes in (the servicer
-parses what the template does not match) and bytes or messages out.
+The unary Step meets each request in a new call, so there is no stream to
+hold a template: `StepIndex` keeps the heads of plain steps met before
+(bounded), keyed by their bytes.
+
+`stream_steps_handler` / `step_handler` register the two methods with bytes
+in (the servicer parses what it does not recognise) and bytes or messages out.
 """
 from __future__ import annotations
 
@@ -128,6 +132,45 @@ class StepTemplate:
         return None
 
 
+class StepIndex:
+    """Unary Step requests met before, looked up by their bytes (see module doc).
+
+    A plain step in canonical encoding ends with its x, and x with its packed
+    floats, so the request is `head + floats`: a request whose bytes minus
+    the last 4F equal a learned head is that request with new values. One
+    dict lookup per float width seen (in practice one) replaces the parse;
+    the entry names the model and the session, never a slot or a tenant
+    (those are looked up per call). At `limit` heads it starts afresh.
+    """
+
+    __slots__ = ("known", "widths", "limit")
+
+    def __init__(self, limit: int = 4096):
+        self.known: dict[bytes, tuple] = {}  # head -> (width, fmt, ms, sequence id, model)
+        self.widths: list[int] = []
+        self.limit = limit
+
+    def lookup(self, raw: bytes):
+        """-> (ms, sequence id, model, values) for a request met before, else None."""
+        for width in self.widths:
+            hit = self.known.get(raw[:-width])
+            if hit is not None and hit[0] == width:
+                return hit[2], hit[3], hit[4], hit[1].unpack_from(raw, len(raw) - width)
+        return None
+
+    def learn(self, raw: bytes, message, values, ms, sequence_id, model: str) -> None:
+        """message: `raw` parsed, a plain step whose x.float_data are `values`."""
+        run = struct.pack(f"<{len(values)}f", *values)
+        if not raw.endswith(run) or message.SerializeToString() != raw:
+            return
+        if len(self.known) >= self.limit:
+            self.known.clear()
+        width = len(run)
+        self.known[raw[:-width]] = (width, struct.Struct(f"<{len(values)}f"), ms, sequence_id, model)
+        if width not in self.widths:
+            self.widths.append(width)
+
+
 def _identity(raw: bytes) -> bytes:
     return raw
 
@@ -145,13 +188,11 @@ def stream_steps_handler(behaviour):
 
 
 def step_handler(behaviour):
-    """Step's method handler: requests parsed without raising (the servicer
-    answers guard.Unparsable itself), replies bytes or messages."""
+    """Step's method handler: requests arrive as bytes (the servicer looks
+    them up in its StepIndex, else parses them), replies bytes or messages."""
     import grpc
 
-    from serving.guard import safe
-
-    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=safe(pb.StepRequest.FromString),
+    return grpc.unary_unary_rpc_method_handler(behaviour, request_deserializer=_identity,
                                                response_serializer=_reply_bytes)
 
 

@@ -83,3 +83,46 @@ def test_parse_request_passes_a_parsed_message_through_and_refuses_garbage():
     from google.protobuf.message import DecodeError
     with pytest.raises(DecodeError):
         parse_request(b"\xff\xff\xff")
+
+
+def _step(key, values, **kw):
+    return pb.StepRequest(model="m", sequence_key=key, x=pb.Tensor(shape=[len(values)], float_data=values), **kw)
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.text(min_size=1, max_size=40), F=st.integers(1, 8), data=st.data())
+def test_step_index_reads_exactly_what_a_parse_reads_or_misses(key, F, data):
+    from serving.wire import StepIndex
+
+    floats = st.floats(width=32, allow_nan=False, allow_infinity=False)
+    idx = StepIndex(limit=3)
+    first = data.draw(st.lists(floats, min_size=F, max_size=F))
+    m = _step(key, first)
+    raw = m.SerializeToString()
+    idx.learn(raw, m, list(m.x.float_data), "MS", key, "m")
+    for _ in range(4):
+        vals = data.draw(st.lists(floats, min_size=F, max_size=F))
+        raw2 = _step(key, vals).SerializeToString()
+        ms, seq, model, got = idx.lookup(raw2)
+        assert (ms, seq, model) == ("MS", key, "m")
+        assert list(got) == list(pb.StepRequest.FromString(raw2).x.float_data)
+    # any other request misses: other session, a flag, another width
+    assert idx.lookup(_step(key + "x", first).SerializeToString()) is None
+    assert idx.lookup(_step(key, first, start=True).SerializeToString()) is None
+    assert idx.lookup(_step(key, first + [0.5]).SerializeToString()) is None
+    assert idx.lookup(b"") is None
+
+
+def test_step_index_learns_only_canonical_plain_steps_and_stays_bounded():
+    from serving.wire import StepIndex
+
+    idx = StepIndex(limit=2)
+    m = _step("a", [1.0])
+    raw = m.SerializeToString()
+    idx.learn(raw + b"\x30\x00", m, [1.0], "MS", "a", "m")  # not canonical (an explicit start=false)
+    assert idx.lookup(raw) is None and not idx.known
+    for key in ("a", "b", "c"):
+        mk = _step(key, [1.0])
+        idx.learn(mk.SerializeToString(), mk, [1.0], "MS", key, "m")
+    assert len(idx.known) <= 2  # started afresh at the limit
+    assert idx.lookup(_step("c", [2.0]).SerializeToString())[1] == "c"
