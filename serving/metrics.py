@@ -101,10 +101,14 @@ class SessionObserver:
         self._batch = {}
 
     def batch(self, model: str, size: int) -> None:
+        self.batch_child(model).observe(size)
+
+    def batch_child(self, model: str):
+        """The model's batch-size histogram child (`.observe(size)`)."""
         child = self._batch.get(model)
         if child is None:
             child = self._batch[model] = BATCH_SIZE.labels(model)
-        child.observe(size)
+        return child
 
     def evicted(self, model: str, n: int) -> None:
         EVICTIONS.labels(model).inc(n)

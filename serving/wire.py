@@ -43,12 +43,17 @@ def _floats(y) -> bytes:
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x4000:  # positions and lengths are nearly always small: no loop
+        return _SMALL[n] if n < 0x80 else bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_SMALL = [bytes((i,)) for i in range(0x80)]
 
 
 def _check_field_numbers() -> None:

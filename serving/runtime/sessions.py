@@ -84,6 +84,18 @@ class _Call:
         self.deadline = deadline
 
 
+class _BatchSizes:
+    """observer.batch(model, size) bound to one model; the observer's own bound
+    metric when it offers one (metrics.SessionObserver.batch_child)."""
+
+    __slots__ = ("observe",)
+
+    def __init__(self, observer, model: str):
+        child = getattr(observer, "batch_child", None)
+        self.observe = child(model).observe if child is not None else \
+            (lambda size: observer.batch(model, size))
+
+
 class _Plain:
     """A queued plain step (SessionManager.try_plain_step): slot, F floats, caller.
 
@@ -156,6 +168,7 @@ class ModelSessions:
         self.ans_len = np.zeros(cap, np.int32)
         self.ans_start = np.zeros(cap, np.bool_)
         self.chunk_y: dict[int, np.ndarray] = {}  # slot -> (T, out) of its last chunk
+        self.batch_sizes = None  # .observe(size): the batch-size metric (SessionManager.refresh)
         self.pending: list = []  # _Item | _Plain, in arrival order
         self.n_plain = 0  # how many of them are _Plain
         self.scheduled = False
@@ -300,7 +313,9 @@ class SessionManager:
         """Pick up the registry's models (call after it has loaded)."""
         for m in self.registry:
             if m.cell is not None and m.name not in self.models:
-                self.models[m.name] = ModelSessions(m, self.max_sessions, self.tenants)
+                ms = self.models[m.name] = ModelSessions(m, self.max_sessions, self.tenants)
+                if self.observer is not None:  # the model's batch-size metric, bound once
+                    ms.batch_sizes = _BatchSizes(self.observer, m.name)
 
     # ---- lookup -------------------------------------------------------------
 
@@ -452,7 +467,13 @@ class SessionManager:
                 raise
             ms.last_arrival = now
             ms.last_used[slot] = now
-            return ms.last_y[slot: slot + 1], self._count_one(ms, slot)
+            # _count_one's bookkeeping, spelled out for the plain step
+            pos = ms.position.item(slot) + 1
+            ms.position[slot] = pos
+            ms.ans_expect[slot] = -1
+            if ms.batch_sizes is not None:
+                ms.batch_sizes.observe(1)
+            return ms.last_y[slot: slot + 1], pos
         if len(pending) >= self.max_queue:
             return None  # the general path refuses it with the limit named
         ms.last_arrival = now
