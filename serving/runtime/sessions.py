@@ -23,6 +23,11 @@ themselves run in one of two ways:
          often delivers each stream's message in its own loop iteration),
          arrivals run inline again, and queueing is re-tried every
          PROBE_EVERY_S.
+The streaming hot path (`try_plain_step`: a plain step of a live session of
+a float model) makes the same decision without the general path's objects:
+quiet, the single-slot kernel writes y into the session's row; busy, the
+step queues as a light `_Plain` (slot, floats, caller), and a flush of
+plain steps only is one `cell.step` with array bookkeeping.
 A multiplexed message (`step_batch`) is one `cell.step` call by itself.
 A flush runs rounds: each round takes at most one item per session, so a
 session's steps run in the order they arrived. The cell runs on the event
