@@ -21,7 +21,7 @@ from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 from serving import auth, errors, metrics
 from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
-from serving.runtime.sessions import SessionManager
+from serving.runtime.sessions import SessionManager, queued_result
 from serving.tensors import from_array, step_input, to_array
 from serving.wire import (ReplyEncoder, StepIndex, StepTemplate, parse_request, step_handler,
                           stream_steps_handler)
@@ -206,13 +206,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     s = _parse_step(request)
             else:  # an in-process caller's message
                 s = request
-            if plain is None and not (s.start or s.end or s.version or s.text
-                                      or s.HasField("expected_position")):
-                ms = self.sessions.models.get(s.model)
-                vals = _one_float_row(s, ms.info) if ms is not None else None
-                which = s.WhichOneof("sequence")
-                if vals is not None and which:
-                    plain = ms, getattr(s, which), vals
+            if plain is None:
+                plain = _plain_step(s, self.sessions.models)
             reply = None
             if plain is not None:  # the hot path, as in StreamSteps: a live session's next step
                 left = context.time_remaining()
@@ -221,10 +216,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
                     if res is not None:
                         if res.__class__ is not tuple:  # queued for this loop pass's batch
-                            await res.future
-                            res = res.results[0]
-                            if isinstance(res, BaseException):
-                                raise res
+                            res = await queued_result(res)
                         if s is not None and request.__class__ is bytes:
                             self._steps.learn(request, s, vals, ms, seq, s.model)
                         reply = self._encoder(res[0].shape[1]).unary_reply(*res)
@@ -291,12 +283,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         yield reply
                         continue
                     s = steps[0]
-                    if not (s.start or s.end or s.version or s.text or s.HasField("expected_position")):
-                        ms = models.get(s.model)
-                        vals = _one_float_row(s, ms.info) if ms is not None else None
-                        which = s.WhichOneof("sequence")
-                        if vals is not None and which:
-                            plain = ms, getattr(s, which), vals
+                    plain = _plain_step(s, models)
                 try:
                     res = None
                     if plain is not None:  # the hot path: a live session's next step
@@ -304,10 +291,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         res = sessions.try_plain_step(ms, seq, vals, tenant)
                         if res is not None:
                             if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                await res.future
-                                res = res.results[0]
-                                if isinstance(res, BaseException):
-                                    raise res
+                                res = await queued_result(res)
                             if message is not None and raw.__class__ is bytes:
                                 template = StepTemplate.learn(raw, message, vals, ms, seq, s.model)
                     if res is None:
@@ -483,6 +467,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         pos = await self.sessions.end(request.model, request.version or None,
                                       sequence_of(request), tenant=tenant_of(context))
         return pb.EndSessionResponse(position=pos)
+
+
+def _plain_step(s: pb.StepRequest, models: dict):
+    """(ModelSessions, sequence id, F floats) of a plain step (no start, end,
+    version, text or expected position; a float model's finite one-step x),
+    else None: the general path checks it and names any problem."""
+    if s.start or s.end or s.version or s.text or s.HasField("expected_position"):
+        return None
+    ms = models.get(s.model)
+    vals = _one_float_row(s, ms.info) if ms is not None else None
+    which = s.WhichOneof("sequence")
+    return (ms, getattr(s, which), vals) if vals is not None and which else None
 
 
 def _parse_step(raw: bytes) -> pb.StepRequest:

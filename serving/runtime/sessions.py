@@ -117,6 +117,16 @@ class _Plain:
         self.call = call
 
 
+async def queued_result(call: _Call):
+    """(y, position) of a plain step try_plain_step queued, once its flush ran;
+    raises the step's error."""
+    await call.future
+    res = call.results[0]
+    if isinstance(res, BaseException):
+        raise res
+    return res
+
+
 def _as_item(ms, it: _Plain) -> "_Item":
     return _Item(it.slot, np.array([it.values], np.float32), None, False, False, it.call, 0,
                  key=ms.keys[it.slot])
@@ -446,9 +456,8 @@ class SessionManager:
                  that row: read it before the session's next step -, position);
           busy   the step joins the model's queue as a light `_Plain` item
                  (its input stays a list until the flush packs every queued
-                 step into one array); returns its `_Call`: await
-                 call.future, then call.results[0] is (y, position) or the
-                 error.
+                 step into one array); returns its `_Call`:
+                 `await queued_result(call)` gives (y, position).
         None when the step is not plain after all (unknown session, a full
         queue, a cell this path does not drive, shutting down): then the
         caller takes the general path, which also reports every error.
