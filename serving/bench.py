@@ -172,6 +172,7 @@ class _Stream:
 
     async def close(self):
         await self.call.done_writing()
+        await self.call.code()  # the server's final status, before the channel closes
 
 
 async def _fanout(target, model, x, streams, per_stream, lat):
@@ -191,6 +192,7 @@ async def _fanout(target, model, x, streams, per_stream, lat):
             await call.read()
             lat.append(time.perf_counter_ns() - t)
         await call.done_writing()
+        await call.code()  # the server's final status, before the channel closes
 
     ready = asyncio.Event()
     tasks = [asyncio.create_task(one(i)) for i in range(streams)]
@@ -205,7 +207,7 @@ async def _fanout(target, model, x, streams, per_stream, lat):
 
 
 async def measure(echo: str, server: str, model: str, features: int, steps: int,
-                  rounds: int = 10) -> list[dict]:
+                  rounds: int = 40) -> list[dict]:
     """Echo and step paths measured in alternating rounds, so that load from
     elsewhere on a shared machine falls on both alike."""
     x = [0.1] * features
@@ -231,8 +233,8 @@ async def measure(echo: str, server: str, model: str, features: int, steps: int,
         for who, target in (("echo", echo), ("step", server)):
             lat[f"{who}-fanout-{n}"] = []
             rate[f"{who}-fanout-{n}"] = [0, 0.0]
-        per_stream = max(10, steps // n // 2)
-        for r in range(4):  # echo, step, step, echo, echo, step, step, echo
+        per_stream = max(10, steps // n // 4)
+        for r in range(8):  # echo, step, step, echo, ...: short turns, so a slow spell hits both
             for who, target in ((("echo", echo), ("step", server)) if r % 2 == 0 else
                                 (("step", server), ("echo", echo))):
                 k = f"{who}-fanout-{n}"
@@ -272,6 +274,7 @@ async def _start_sessions(target, model, features, n, per_message=1000):
             if bad:
                 raise RuntimeError(f"starting sessions failed: {bad[0]}")
         await call.done_writing()
+        await call.code()
 
 
 def memory(target, pid, meta, sessions: int) -> dict:
