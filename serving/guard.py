@@ -18,31 +18,20 @@ from __future__ import annotations
 import grpc
 
 
-class Unparsable:
-    """What a guarded parser returns for bytes that are not its message."""
-
+class _Unparsable:
     __slots__ = ("error",)
 
     def __init__(self, error: Exception):
         self.error = error
 
 
-_Unparsable = Unparsable
-
-
-def safe(parse):
-    """parse, returning Unparsable instead of raising. A handler registered with
-    it answers Unparsable itself (guard() leaves it alone: no extra layer)."""
+def _safe(parse):
     def run(data: bytes):
         try:
             return parse(data)
-        except Exception as exc:  # noqa: BLE001 - answered by the behaviour
+        except Exception as exc:  # noqa: BLE001 - answered by the behaviour below
             return _Unparsable(exc)
-    run.parses_safely = True
     return run
-
-
-_safe = safe
 
 
 def _checked(fn, kind: str, what: str):
@@ -102,6 +91,8 @@ def guard(handlers: dict) -> dict:
         behaviour = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
         if parse is None or getattr(parse, "parses_safely", False) or (
                 h.response_streaming and not h.request_streaming and not _is_async_gen(behaviour)):
+            # parses_safely: a deserializer that cannot fail (bytes passed through,
+            # serving.wire); the servicer parses and answers bad bytes itself
             out[name] = h
             continue
         if h.request_streaming and _is_async_gen(behaviour):

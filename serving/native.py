@@ -23,8 +23,7 @@ from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
 from serving.runtime.sessions import SessionManager, queued_result
 from serving.tensors import from_array, step_input, to_array
-from serving.wire import (ReplyEncoder, StepIndex, StepTemplate, parse_request, step_handler,
-                          stream_steps_handler)
+from serving.wire import ReplyEncoder, StepIndex, parse_request, step_handler, stream_steps_handler
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
@@ -81,7 +80,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._step_latency = metrics.latency("Step")
         self._stream_latency = metrics.latency("StreamSteps")
         self._replies: dict[int, ReplyEncoder] = {}  # outputs -> StreamSteps reply writer
-        self._steps = StepIndex()  # unary plain steps met before, by their bytes
+        self._steps = StepIndex()  # plain Step requests met before, by their bytes
+        self._stream_steps = StepIndex()  # plain one-step StreamSteps messages met before
 
     # ---- models ------------------------------------------------------------------
 
@@ -251,21 +251,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def StreamSteps(self, request_iterator, context):
         # serving.errors.stream written inline: its extra async-generator layer
         # cost every message a resume and a yield. Requests arrive as bytes
-        # (serving.wire): a stream's repeated plain step is read from its
-        # template without a parse, and its reply is written as bytes.
+        # (serving.wire): a plain step met before is recognised without a
+        # parse, and its reply is written as bytes.
         try:
             tenant = tenant_of(context)
             sessions = self.sessions
             models = sessions.models
             latency = self._stream_latency
-            template = None  # this stream's last plain step, for wire.StepTemplate.values
+            known = self._stream_steps
             async for raw in request_iterator:
                 t0 = time.perf_counter()
                 plain = message = None  # plain: (ModelSessions, sequence id, F floats)
-                if template is not None:
-                    vals = template.values(raw)
-                    if vals is not None and isfinite(sum(vals)) and models.get(template.model) is template.ms:
-                        plain = template.ms, template.sequence_id, vals
+                hit = known.lookup(raw) if raw.__class__ is bytes else None
+                if hit is not None:
+                    ms, seq, model, vals = hit
+                    if isfinite(sum(vals)) and models.get(model) is ms:
+                        plain = ms, seq, vals
                 if plain is None:
                     message = parse_request(raw)
                     steps = message.steps
@@ -293,7 +294,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             if res.__class__ is not tuple:  # queued for this loop pass's batch
                                 res = await queued_result(res)
                             if message is not None and raw.__class__ is bytes:
-                                template = StepTemplate.learn(raw, message, vals, ms, seq, s.model)
+                                known.learn(raw, message, vals, ms, seq, s.model)
                     if res is None:
                         if message is None:
                             message = parse_request(raw)

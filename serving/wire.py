@@ -1,26 +1,23 @@
-"""StreamSteps on the wire: the common message read and answered as bytes.
+"""Step and StreamSteps on the wire: the common message read and answered as bytes.
 
-A device streaming its values sends, step after step, the same
-StreamStepsRequest but for the numbers: one StepRequest with the same model,
-the same sequence id and no flags, whose `x.float_data` (a packed run of F
-little-endian float32s) is the only part that changes. Protobuf decoding is
-a pure function of the bytes and fixed32 floats cannot change the structure
-around them, so once one such message of a stream has been parsed and taken
-the hot path, any later message of that stream with the same length and the
-same bytes before and after the float run IS that message with new values:
-`StepTemplate.values(raw)` reads them with one struct call instead of a parse
-and a dozen field reads. Anything else - another length, other bytes, a
-message not in protobuf's canonical encoding, a float run that also occurs
-elsewhere in the bytes - does not match, and goes through the protobuf
-parse and the general checks as before.
+A device streaming its values sends, step after step, the same request but
+for the numbers: one StepRequest (alone for Step, wrapped in a
+StreamStepsRequest for StreamSteps) with the same model, the same sequence
+id and no flags. In protobuf's canonical encoding such a request ENDS with
+its x.float_data, a packed run of F little-endian float32s (x is the last
+field set, float_data the last field of x), so its bytes are `head +
+floats`. Protobuf decoding is a pure function of the bytes and fixed32
+floats cannot change the structure around them, so a request whose bytes
+minus the last 4F equal the head of a plain step met before IS that step
+with new values: `StepIndex.lookup(raw)` reads them with one dict lookup and
+one struct call instead of a parse and a dozen field reads. Anything else
+(another head, a request not in canonical encoding) is not found, and goes
+through the protobuf parse and the general checks as before.
 
-The reply of a step, StreamStepsResponse{results: [StepResponse{y: Tensor{
-shape: [1, out], float_data: y}, position}]}, is written the same way by
-`step_reply` (tests compare it byte for byte with protobuf's own encoding).
-
-The unary Step meets each request in a new call, so there is no stream to
-hold a template: `StepIndex` keeps the heads of plain steps met before
-(bounded), keyed by their bytes.
+The reply of a step, StepResponse{y: Tensor{shape: [1, out], float_data: y},
+position} (inside a StreamStepsResponse for StreamSteps), is written the
+same way by `ReplyEncoder` (tests compare it byte for byte with protobuf's
+own encoding).
 
 `stream_steps_handler` / `step_handler` register the two methods with bytes
 in (the servicer parses what it does not recognise) and bytes or messages out.
@@ -93,59 +90,13 @@ class ReplyEncoder:
         return _FIELD_1_LEN + _varint(len(step)) + step
 
 
-class StepTemplate:
-    """One stream's plain-step message with the float run cut out (see module doc).
-
-    learn(raw, values, ...) -> a template, or None when the floats cannot be
-    located unambiguously; template.values(raw) -> the F floats of a message
-    that matches, else None.
-    """
-
-    __slots__ = ("size", "head", "tail", "offset", "fmt", "ms", "sequence_id", "model")
-
-    def __init__(self, raw: bytes, offset: int, count: int, ms, sequence_id, model: str):
-        self.size = len(raw)
-        self.head = raw[:offset]
-        self.tail = raw[offset + 4 * count:]
-        self.offset = offset
-        self.fmt = struct.Struct(f"<{count}f")
-        self.ms = ms
-        self.sequence_id = sequence_id
-        self.model = model
-
-    @classmethod
-    def learn(cls, raw: bytes, message, values, ms, sequence_id, model: str) -> "StepTemplate | None":
-        """A template from a message that took the hot path, or None.
-
-        message: `raw` parsed; values: its one step's x.float_data. Only a
-        message in protobuf's own (canonical) encoding is learned: there the
-        floats are one packed run, so if that run occurs once in the bytes,
-        the occurrence is the field itself (never, say, the same bytes inside
-        a sequence key, which would make two).
-        """
-        if message.SerializeToString() != raw:
-            return None
-        run = struct.pack(f"<{len(values)}f", *values)
-        at = raw.find(run)
-        if at < 0 or raw.find(run, at + 1) >= 0:
-            return None
-        return cls(raw, at, len(values), ms, sequence_id, model)
-
-    def values(self, raw: bytes):
-        if len(raw) == self.size and raw.startswith(self.head) and raw.endswith(self.tail):
-            return self.fmt.unpack_from(raw, self.offset)
-        return None
-
-
 class StepIndex:
-    """Unary Step requests met before, looked up by their bytes (see module doc).
+    """Plain steps met before, looked up by their bytes (see module doc).
 
-    A plain step in canonical encoding ends with its x, and x with its packed
-    floats, so the request is `head + floats`: a request whose bytes minus
-    the last 4F equal a learned head is that request with new values. One
-    dict lookup per float width seen (in practice one) replaces the parse;
-    the entry names the model and the session, never a slot or a tenant
-    (those are looked up per call). At `limit` heads it starts afresh.
+    One index per request type (StepRequest, StreamStepsRequest). One dict
+    lookup per float width seen (in practice one); an entry names the model
+    and the session, never a slot or a tenant (those are looked up per
+    call). At `limit` heads it starts afresh.
     """
 
     __slots__ = ("known", "widths", "limit")
@@ -178,6 +129,9 @@ class StepIndex:
 
 def _identity(raw: bytes) -> bytes:
     return raw
+
+
+_identity.parses_safely = True  # never raises: serving.guard leaves these handlers alone
 
 
 def _reply_bytes(reply) -> bytes:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protos.seqserve.v1 import inference_pb2 as pb
-from serving.wire import ReplyEncoder, StepTemplate, parse_request
+from serving.wire import ReplyEncoder, StepIndex, parse_request
 
 
 def _pb_reply(y: np.ndarray, position: int) -> bytes:
@@ -41,40 +41,39 @@ def _msg(key, values, **kw):
 
 @settings(max_examples=200, deadline=None)
 @given(key=st.text(min_size=1, max_size=40), F=st.integers(1, 16), data=st.data())
-def test_template_reads_exactly_what_a_parse_reads_or_declines(key, F, data):
+def test_stream_message_index_reads_exactly_what_a_parse_reads_or_misses(key, F, data):
     floats = st.floats(width=32, allow_nan=False, allow_infinity=False)
     first = data.draw(st.lists(floats, min_size=F, max_size=F))
     m = _msg(key, first)
     raw = m.SerializeToString()
     vals = list(m.steps[0].x.float_data)
-    t = StepTemplate.learn(raw, m, vals, ms=None, sequence_id=key, model="m")
-    if t is None:  # the run of floats also occurs elsewhere: declined, never guessed
-        packed = struct.pack(f"<{F}f", *vals)
-        assert raw.count(packed) != 1 or raw.find(packed) != raw.rfind(packed)
-        return
+    idx = StepIndex()
+    idx.learn(raw, m, vals, "MS", key, "m")
     for _ in range(5):
         nxt = data.draw(st.lists(floats, min_size=F, max_size=F))
         raw2 = _msg(key, nxt).SerializeToString()
-        got = t.values(raw2)
-        assert got is not None
+        ms, seq, model, got = idx.lookup(raw2)
+        assert (ms, seq, model) == ("MS", key, "m")
         assert list(got) == list(parse_request(raw2).steps[0].x.float_data)
     # anything else about the message differs: no match
-    assert t.values(_msg(key + "x", first).SerializeToString()) is None
-    assert t.values(_msg(key, first, start=True).SerializeToString()) is None
-    assert t.values(_msg(key, first + [1.0]).SerializeToString()) is None
+    assert idx.lookup(_msg(key + "x", first).SerializeToString()) is None
+    assert idx.lookup(_msg(key, first, start=True).SerializeToString()) is None
+    assert idx.lookup(_msg(key, first + [1.0]).SerializeToString()) is None
 
 
-def test_template_declines_a_non_canonical_message_and_an_ambiguous_run():
+def test_stream_message_index_declines_a_non_canonical_message_and_is_not_fooled_by_a_key():
     m = _msg("dev-1", [0.25])
     raw = m.SerializeToString()
+    idx = StepIndex()
     # the same message with an empty field appended is still valid protobuf, but not canonical
-    assert StepTemplate.learn(raw + b"\x12\x00", m, [0.25], None, "dev-1", "m") is None
-    # the floats' bytes also inside the key: two occurrences, so no template
+    idx.learn(raw + b"\x12\x00", m, [0.25], None, "dev-1", "m")
+    assert not idx.known and idx.lookup(raw) is None
+    # the floats' bytes also inside the key: the run at the end is still the floats
     key = "k" + struct.pack("<f", 0.25).decode("latin-1")
     m2 = _msg(key, [0.25])
-    raw2 = m2.SerializeToString()
-    if raw2.count(struct.pack("<f", 0.25)) > 1:
-        assert StepTemplate.learn(raw2, m2, [0.25], None, key, "m") is None
+    idx.learn(m2.SerializeToString(), m2, [0.25], None, key, "m")
+    raw3 = _msg(key, [-3.5]).SerializeToString()
+    assert list(idx.lookup(raw3)[3]) == list(parse_request(raw3).steps[0].x.float_data) == [-3.5]
 
 
 def test_parse_request_passes_a_parsed_message_through_and_refuses_garbage():
@@ -126,3 +125,27 @@ def test_step_index_learns_only_canonical_plain_steps_and_stays_bounded():
         idx.learn(mk.SerializeToString(), mk, [1.0], "MS", key, "m")
     assert len(idx.known) <= 2  # started afresh at the limit
     assert idx.lookup(_step("c", [2.0]).SerializeToString())[1] == "c"
+
+
+def test_bytes_in_handlers_are_not_wrapped_by_the_guard():
+    """Step and StreamSteps parse (and answer bad bytes) themselves: the guard
+    adds no layer to them, and still guards a method that parses as usual."""
+    from serving import native
+    from serving.guard import Guarded
+
+    class Fake:
+        def add_generic_rpc_handlers(self, handlers):
+            pass
+
+        def add_registered_method_handlers(self, service, handlers):
+            self.handlers = handlers
+
+    class Servicer(native.InferenceServicer):
+        def __init__(self):
+            pass
+
+    fake, svc = Fake(), Servicer()
+    native.add_to_server(svc, Guarded(fake))
+    assert fake.handlers["Step"].unary_unary == svc.Step
+    assert fake.handlers["StreamSteps"].stream_stream == svc.StreamSteps
+    assert fake.handlers["Predict"].unary_unary != svc.Predict  # parsed by the guard's safe parser
