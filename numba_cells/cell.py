@@ -47,6 +47,7 @@ class _CpuState:
         self.params, self.meta = pack(spec)
         self.serial, self.parallel = cpu.RUNNERS[spec.cell]
         self.one = cpu.ONE[spec.cell] if spec.input_kind != "tokens" else None  # Cell.step_into
+        self.one_work = np.zeros(cpu.one_work_size(self.meta), np.float32)  # its reused scratch
         self.parallel_min = cpu.PARALLEL_MIN_BATCH
         # big batches: one sgemm per layer instead of tiles (see cpu.py, GEMM path)
         self.gemm = cpu_gemm.RUNNERS.get(spec.cell)
@@ -86,7 +87,7 @@ class _CpuState:
                 slots, h, c, y, self.params, self.meta, np.zeros(1, np.uint8))
         if self.one is not None:
             self.one(x, 0, h, c, np.empty((1, self.spec.output_size), np.float32),
-                     self.params, self.meta)
+                     self.params, self.meta, self.one_work)
 
     # state access: host arrays, so plain numpy
     def get(self, slot):
@@ -230,7 +231,7 @@ class Cell:
         else:
             x[:] = values
         st = self._state
-        if one(self._xrow, slot, st.h, st.c, rows, st.params, st.meta):  # the one refusal
+        if one(self._xrow, slot, st.h, st.c, rows, st.params, st.meta, st.one_work):  # the one refusal
             raise CellError(f"slot {slot} is out of range [0, {min(self.capacity, len(rows))})")
         return True
 

@@ -131,6 +131,14 @@ def gemv_tile(acc, stride, col0, ncols, nr, params, off, vec, width):
 
 
 @njit(**_jit)
+def copy_into(dst, src):
+    """dst[:n] = src (n = len(src)) as a loop: a slice assignment costs Numba's
+    generic broadcast checks, ~100-200 ns per call; this is a few ns per row."""
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(**_jit)
 def load_input(b0, nr, t, x, tok, params, meta, inp):
     """Layer 0's input rows -> inp (nr, F): embedding rows or normalised features."""
     F = meta[M_IN]
@@ -138,7 +146,7 @@ def load_input(b0, nr, t, x, tok, params, meta, inp):
         oe = meta[M_EMB]
         for r in range(nr):
             base = oe + tok[b0 + r, t] * F
-            inp[r * F: (r + 1) * F] = params[base: base + F]
+            copy_into(inp[r * F: (r + 1) * F], params[base: base + F])
     elif meta[M_IN_SCALE] >= 0:
         osc, osh = meta[M_IN_SCALE], meta[M_IN_SHIFT]
         sc, sh = params[osc: osc + F], params[osh: osh + F]
@@ -148,19 +156,19 @@ def load_input(b0, nr, t, x, tok, params, meta, inp):
                 dst[k] = xr[k] * sc[k] + sh[k]
     else:
         for r in range(nr):
-            inp[r * F: (r + 1) * F] = x[b0 + r, t]
+            copy_into(inp[r * F: (r + 1) * F], x[b0 + r, t])
 
 
 @njit(**_jit)
 def gather_state(b0, nr, slots, h, l, hv, H):
     for r in range(nr):
-        hv[r * H: (r + 1) * H] = h[slots[b0 + r], l]
+        copy_into(hv[r * H: (r + 1) * H], h[slots[b0 + r], l])
 
 
 @njit(**_jit)
 def fill_bias(acc, nr, ncols, params, off):
     for r in range(nr):
-        acc[r * ncols: (r + 1) * ncols] = params[off: off + ncols]
+        copy_into(acc[r * ncols: (r + 1) * ncols], params[off: off + ncols])
 
 
 @njit(**_jit)
@@ -192,20 +200,38 @@ def head_finish(yr, params, meta):
 
 
 @njit(**_jit)
-def head_tile(b0, nr, t, y, params, meta, inp):
-    """y[b0:b0+nr, t] = activation(inp @ Wh + bh) * out_scale + out_shift."""
+def head_row(yr, hr, params, meta):
+    """yr (O,) = activation(hr @ Wh + bh) * out_scale + out_shift, hr: the last layer's h (H,).
+
+    Every output sums k in order, in both branches (so the same numbers). Few
+    outputs (a forecaster's 1): one running sum per output, indexed directly;
+    a weight-row slice per k cost ~8 ns each, ~0.5 us of a 64-unit step. Many
+    outputs (a vocabulary): weight rows, vectorised over the outputs.
+    """
     H, O = meta[M_HIDDEN], meta[M_OUT]
     ow, ob = meta[M_HEAD_W], meta[M_HEAD_B]
-    for r in range(nr):
-        yr = y[b0 + r, t]  # (O,)
-        yr[:] = params[ob: ob + O]
-        hr = inp[r * H: (r + 1) * H]
+    if O < 8:
+        for o in range(O):
+            acc = params[ob + o]
+            for k in range(H):
+                acc += params[ow + k * O + o] * hr[k]
+            yr[o] = acc
+    else:
+        copy_into(yr, params[ob: ob + O])
         for k in range(H):
             w = params[ow + k * O: ow + (k + 1) * O]
             v = hr[k]
             for o in range(O):
                 yr[o] += w[o] * v
-        head_finish(yr, params, meta)
+    head_finish(yr, params, meta)
+
+
+@njit(**_jit)
+def head_tile(b0, nr, t, y, params, meta, inp):
+    """y[b0:b0+nr, t] = activation(inp @ Wh + bh) * out_scale + out_shift."""
+    H = meta[M_HIDDEN]
+    for r in range(nr):
+        head_row(y[b0 + r, t], inp[r * H: (r + 1) * H], params, meta)
 
 
 @njit(**_jit)
@@ -256,11 +282,18 @@ def lstm_update(gates, G, nr, b0, slots, h, c, l, params, meta, inp):
             go[j] = sigmoid(go[j])
         for j in range(H):
             hs[j] = lstm_hidden_gated(go[j], cs[j])
-        inp[r * H: (r + 1) * H] = hs  # next layer's input
+        copy_into(inp[r * H: (r + 1) * H], hs)  # next layer's input
 
 
 @njit(**_jit)
 def lstm_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
+    lstm_layers(b0, nr, t, x, tok, slots, h, c, params, meta, gates, inp, hv)
+    head_tile(b0, nr, t, y, params, meta, inp)
+
+
+@njit(**_jit)
+def lstm_layers(b0, nr, t, x, tok, slots, h, c, params, meta, gates, inp, hv):
+    """Every layer of one step for rows b0..b0+nr: state updated, the last h in inp (nr, H)."""
     L, H = meta[M_LAYERS], meta[M_HIDDEN]
     G = 4 * H
     width = meta[M_IN]
@@ -273,7 +306,6 @@ def lstm_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         gemv_tile(gates, G, 0, G, nr, params, meta[lb + L_R], hv, H)
         lstm_update(gates, G, nr, b0, slots, h, c, l, params, meta, inp)
         width = H
-    head_tile(b0, nr, t, y, params, meta, inp)
 
 
 @njit(**_jit)
@@ -313,7 +345,7 @@ def gru_update(gates, G, nr, b0, slots, h, l, hv, inp):
             gz[j] = sigmoid(gz[j])
         for j in range(H):
             hs[j] = gru_unit(gz[j], gn[j], hp[j])
-        inp[r * H: (r + 1) * H] = hs
+        copy_into(inp[r * H: (r + 1) * H], hs)
 
 
 @njit(**_jit)
@@ -322,18 +354,26 @@ def rnn_update(gates, nr, b0, slots, h, l, inp, H):
         g, hs = gates[r * H: (r + 1) * H], h[slots[b0 + r], l]
         for j in range(H):
             hs[j] = tanh(g[j])
-        inp[r * H: (r + 1) * H] = hs
+        copy_into(inp[r * H: (r + 1) * H], hs)
 
 
 @njit(**_jit)
 def gru_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
+    H = meta[M_HIDDEN]
+    cand = np.empty(nr * H, np.float32)  # recurrent part of the candidate, (nr, H)
+    rh = np.empty(nr * H, np.float32)  # r * h_prev for linear_before_reset=0
+    gru_layers(b0, nr, t, x, tok, slots, h, params, meta, gates, inp, hv, cand, rh)
+    head_tile(b0, nr, t, y, params, meta, inp)
+
+
+@njit(**_jit)
+def gru_layers(b0, nr, t, x, tok, slots, h, params, meta, gates, inp, hv, cand, rh):
+    """As lstm_layers; cand and rh: (nr, H) work rows."""
     L, H = meta[M_LAYERS], meta[M_HIDDEN]
     G = 3 * H
     width = meta[M_IN]
     lbr = meta[M_LBR]
     load_input(b0, nr, t, x, tok, params, meta, inp)
-    cand = np.empty(nr * H, np.float32)  # recurrent part of the candidate, (nr, H)
-    rh = np.empty(nr * H, np.float32)  # r * h_prev for linear_before_reset=0
     for l in range(L):
         lb = M_LAYER0 + PER_LAYER * l
         fill_bias(gates, nr, G, params, meta[lb + L_B])
@@ -352,11 +392,17 @@ def gru_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
             gru_candidate(gates, G, nr, cand, hv, rh, lbr, 2)
         gru_update(gates, G, nr, b0, slots, h, l, hv, inp)
         width = H
-    head_tile(b0, nr, t, y, params, meta, inp)
 
 
 @njit(**_jit)
 def rnn_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
+    rnn_layers(b0, nr, t, x, tok, slots, h, params, meta, gates, inp, hv)
+    head_tile(b0, nr, t, y, params, meta, inp)
+
+
+@njit(**_jit)
+def rnn_layers(b0, nr, t, x, tok, slots, h, params, meta, gates, inp, hv):
+    """As lstm_layers."""
     L, H = meta[M_LAYERS], meta[M_HIDDEN]
     width = meta[M_IN]
     load_input(b0, nr, t, x, tok, params, meta, inp)
@@ -368,7 +414,6 @@ def rnn_tile(b0, nr, t, x, tok, slots, h, c, y, params, meta, gates, inp, hv):
         gemv_tile(gates, H, 0, H, nr, params, meta[lb + L_R], hv, H)
         rnn_update(gates, nr, b0, slots, h, l, inp, H)
         width = H
-    head_tile(b0, nr, t, y, params, meta, inp)
 
 
 # The drivers are spelled out per cell rather than made by a closure factory:
@@ -469,52 +514,63 @@ def rnn_parallel(x, tok, slots, h, c, y, params, meta, seen):
 
 
 # One float-input session's step, the serving layer's hot path (Cell.step_into):
-# x (1, 1, F), slot an int, y written into rows[slot] (rows: (n, out), e.g. the
-# sessions' last-output table). The same tile function as the batched drivers,
-# so the same numbers; what it saves is the dispatcher's work on the slot,
-# token, seen and y arrays the batched drivers take (7 arguments instead of 9,
-# one of them a plain int) and the caller's reshapes. Returns an ERR_* code.
+# x (1, 1, F), slot an int, y written straight into rows[slot] (rows: (n, out),
+# e.g. the sessions' last-output table). The same layer and head functions as
+# the batched drivers, so the same numbers. Nothing is allocated per call
+# (allocating cost ~0.5 us of a ~4 us 64-unit step): `work` (one_work_size
+# floats) is the caller's reused scratch, and the layer functions see the
+# session as row 0 of one-slot views of h and c, through a constant slot
+# array. Returns an ERR_* code.
+
+_SLOT0 = np.zeros(1, np.int64)  # a frozen global in the kernels: slots = [0]
+_TOK0 = np.zeros((1, 1), np.int64)  # the token dummy of a float model
+
+
+def one_work_size(meta) -> int:
+    """Floats of a *_one kernel's work buffer: gates (4H), input (max(F, H)), h, two GRU rows."""
+    H = int(meta[M_HIDDEN])
+    return 4 * H + max(int(meta[M_IN]), H) + 3 * H
+
 
 @njit(**_jit)
-def _one_setup(slot, h, rows, meta):
-    if slot < 0 or slot >= h.shape[0] or slot >= rows.shape[0]:
-        return ERR_SLOT_RANGE, np.empty(0, np.int64), np.empty((1, 1), np.int64), \
-            np.empty((1, 1, meta[M_OUT]), np.float32)
-    slots = np.empty(1, np.int64)
-    slots[0] = slot
-    return 0, slots, np.zeros((1, 1), np.int64), np.empty((1, 1, meta[M_OUT]), np.float32)
+def _one_views(slot, h, c, rows, meta, work):
+    """(code, h, c of the slot as (1, L, H) views, gates, inp, hv, cand, rh in work)."""
+    H = meta[M_HIDDEN]
+    code = ERR_SLOT_RANGE if slot < 0 or slot >= h.shape[0] or slot >= rows.shape[0] else 0
+    g1 = 4 * H
+    i1 = g1 + max(meta[M_IN], H)
+    c1 = c[slot: slot + 1] if c.shape[0] > 1 else c  # c: a (1, 1, 1) dummy unless LSTM
+    return (code, h[slot: slot + 1], c1, work[:g1], work[g1: i1], work[i1: i1 + H],
+            work[i1 + H: i1 + 2 * H], work[i1 + 2 * H: i1 + 3 * H])
 
 
 @njit(**_jit)
-def lstm_one(x, slot, h, c, rows, params, meta):
-    code, slots, tok, y = _one_setup(slot, h, rows, meta)
+def lstm_one(x, slot, h, c, rows, params, meta, work):
+    code, h1, c1, gates, inp, hv, cand, rh = _one_views(slot, h, c, rows, meta, work)
     if code != 0:
         return code
-    gates, inp, hv = scratch(meta)
-    lstm_tile(0, 1, 0, x, tok, slots, h, c, y, params, meta, gates, inp, hv)
-    rows[slot] = y[0, 0]
+    lstm_layers(0, 1, 0, x, _TOK0, _SLOT0, h1, c1, params, meta, gates, inp, hv)
+    head_row(rows[slot], inp, params, meta)
     return 0
 
 
 @njit(**_jit)
-def gru_one(x, slot, h, c, rows, params, meta):
-    code, slots, tok, y = _one_setup(slot, h, rows, meta)
+def gru_one(x, slot, h, c, rows, params, meta, work):
+    code, h1, c1, gates, inp, hv, cand, rh = _one_views(slot, h, c, rows, meta, work)
     if code != 0:
         return code
-    gates, inp, hv = scratch(meta)
-    gru_tile(0, 1, 0, x, tok, slots, h, c, y, params, meta, gates, inp, hv)
-    rows[slot] = y[0, 0]
+    gru_layers(0, 1, 0, x, _TOK0, _SLOT0, h1, params, meta, gates, inp, hv, cand, rh)
+    head_row(rows[slot], inp, params, meta)
     return 0
 
 
 @njit(**_jit)
-def rnn_one(x, slot, h, c, rows, params, meta):
-    code, slots, tok, y = _one_setup(slot, h, rows, meta)
+def rnn_one(x, slot, h, c, rows, params, meta, work):
+    code, h1, c1, gates, inp, hv, cand, rh = _one_views(slot, h, c, rows, meta, work)
     if code != 0:
         return code
-    gates, inp, hv = scratch(meta)
-    rnn_tile(0, 1, 0, x, tok, slots, h, c, y, params, meta, gates, inp, hv)
-    rows[slot] = y[0, 0]
+    rnn_layers(0, 1, 0, x, _TOK0, _SLOT0, h1, params, meta, gates, inp, hv)
+    head_row(rows[slot], inp, params, meta)
     return 0
 
 
