@@ -74,14 +74,11 @@ class EchoServicer:
             yield reply
 
     def handlers(self):
-        same = dict(request_deserializer=_identity, response_serializer=_identity)
+        # no (de)serializers: bytes in and out with no Python call per message,
+        # as the server's own Step and StreamSteps (serving.wire)
         return grpc.method_handlers_generic_handler("seqserve.v1.Inference", {
-            "Step": grpc.unary_unary_rpc_method_handler(self.Step, **same),
-            "StreamSteps": grpc.stream_stream_rpc_method_handler(self.StreamSteps, **same)})
-
-
-def _identity(b: bytes) -> bytes:
-    return b
+            "Step": grpc.unary_unary_rpc_method_handler(self.Step),
+            "StreamSteps": grpc.stream_stream_rpc_method_handler(self.StreamSteps)})
 
 
 def echo_server_main(port: int, outputs: int, loop: str = "auto") -> None:

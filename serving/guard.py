@@ -89,10 +89,10 @@ def guard(handlers: dict) -> dict:
     for name, h in handlers.items():
         parse = h.request_deserializer
         behaviour = h.unary_unary or h.unary_stream or h.stream_unary or h.stream_stream
-        if parse is None or getattr(parse, "parses_safely", False) or (
+        if parse is None or (
                 h.response_streaming and not h.request_streaming and not _is_async_gen(behaviour)):
-            # parses_safely: a deserializer that cannot fail (bytes passed through,
-            # serving.wire); the servicer parses and answers bad bytes itself
+            # no deserializer: the servicer gets the bytes as they came (serving.wire)
+            # and parses and answers bad bytes itself
             out[name] = h
             continue
         if h.request_streaming and _is_async_gen(behaviour):

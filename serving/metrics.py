@@ -13,10 +13,49 @@ import bisect
 import threading
 
 from prometheus_client import REGISTRY, Counter
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-REQUESTS = Counter("seqserve_requests_total", "RPCs (stream: steps) by method and status code",
-                   ["method", "code"])
+
+class FastCounter:
+    """A labelled counter whose inc() is one add.
+
+    prometheus_client's Counter takes a lock per increment (~0.7 us here, on
+    every unary Step). Increments come from the event loop thread; the scrape
+    thread reads the values. Exposed as NAME_total, labels sorted, as before.
+    """
+
+    def __init__(self, name: str, doc: str, labels):
+        self.name, self.doc, self.labelnames = name, doc, list(labels)
+        self.children: dict[tuple, "_Count"] = {}
+        self._lock = threading.Lock()  # only for creating children
+
+    def labels(self, *values: str) -> "_Count":
+        child = self.children.get(values)
+        if child is None:
+            with self._lock:
+                child = self.children.setdefault(values, _Count())
+        return child
+
+    def collect(self):
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, child in list(self.children.items()):
+            fam.add_metric(list(values), child.value)
+        yield fam
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+REQUESTS = FastCounter("seqserve_requests", "RPCs (stream: steps) by method and status code",
+                       ["method", "code"])
+REGISTRY.register(REQUESTS)
 
 
 class FastHistogram:
@@ -80,10 +119,15 @@ _latency: dict = {}
 
 
 def observe_request(method: str, code: str) -> None:
+    request_counter(method, code).inc()
+
+
+def request_counter(method: str, code: str) -> "_Count":
+    """The requests counter child of (method, code): `.inc()` on the hot path."""
     child = _requests.get((method, code))
     if child is None:
         child = _requests[(method, code)] = REQUESTS.labels(method, code)
-    child.inc()
+    return child
 
 
 def latency(method: str):

@@ -78,6 +78,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.max_predict_inflight = max_predict_inflight
         self._predicting: dict[str, int] = {}  # model -> Predict calls running in threads
         self._step_latency = metrics.latency("Step")
+        self._step_ok = metrics.request_counter("Step", "OK")
         self._stream_latency = metrics.latency("StreamSteps")
         self._replies: dict[int, ReplyEncoder] = {}  # outputs -> StreamSteps reply writer
         self._steps = StepIndex()  # plain Step requests met before, by their bytes
@@ -191,56 +192,61 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Step(self, request, context):
         # serving.errors.unary and the guard's parse check written inline: each
         # is a coroutine layer every call would pay for. The request arrives
-        # as bytes: a plain step met before is recognised without a parse
-        # (serving.wire.StepIndex); anything else is parsed and checked.
+        # as bytes and the reply leaves as bytes (serving.wire): a plain step
+        # met before is recognised without a parse (StepIndex); anything
+        # else is parsed and checked.
         t0 = time.perf_counter()
         try:
-            plain = s = None  # plain: (ModelSessions, sequence id, F floats)
-            if request.__class__ is bytes:
-                hit = self._steps.lookup(request)
-                if hit is not None:
-                    ms, seq, model, vals = hit
-                    if isfinite(sum(vals)) and self.sessions.models.get(model) is ms:
-                        plain = ms, seq, vals
-                if plain is None:
-                    s = _parse_step(request)
-            else:  # an in-process caller's message
-                s = request
-            if plain is None:
-                plain = _plain_step(s, self.sessions.models)
             reply = None
-            if plain is not None:  # the hot path, as in StreamSteps: a live session's next step
-                left = context.time_remaining()
-                if left is None or left > 0:
-                    ms, seq, vals = plain
-                    res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
-                    if res is not None:
-                        if res.__class__ is not tuple:  # queued for this loop pass's batch
-                            res = await queued_result(res)
-                        if s is not None and request.__class__ is bytes:
-                            self._steps.learn(request, s, vals, ms, seq, s.model)
-                        reply = self._encoder(res[0].shape[1]).unary_reply(*res)
+            hit = self._steps.lookup(request) if request.__class__ is bytes else None
+            if hit is not None:  # the hot path, as in StreamSteps: a live session's next step
+                ms, seq, model, vals = hit
+                if isfinite(sum(vals)) and self.sessions.models.get(model) is ms:
+                    left = context.time_remaining()
+                    if left is None or left > 0:
+                        res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
+                        if res is not None:
+                            if res.__class__ is not tuple:  # queued for this loop pass's batch
+                                res = await queued_result(res)
+                            y, pos = res
+                            enc = self._replies.get(y.shape[1]) or self._encoder(y.shape[1])
+                            reply = enc.unary_reply(y, pos)
             if reply is None:
-                reply = await self._step_general(s if s is not None else _parse_step(request), context)
+                reply = await self._step_message(request, context)
         except AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             code, message = errors.classify(exc, "Step")
             metrics.observe_request("Step", code)
             await context.abort(errors.status_code(code), message, errors.trailing(exc))
-        metrics.observe_request("Step", "OK")
+        self._step_ok.inc()
         self._step_latency.observe(time.perf_counter() - t0)
         return reply
 
-    async def _step_general(self, request, context) -> pb.StepResponse:
-        model, version, seq, x, start, end, checked = self._step_x(request)
+    async def _step_message(self, request, context) -> bytes:
+        """The reply (bytes) to any Step request but a known plain step: parsed,
+        checked, run; a request the StepIndex can learn is learned."""
+        s = _parse_step(request) if request.__class__ is bytes else request
+        plain = _plain_step(s, self.sessions.models)
+        if plain is not None:
+            left = context.time_remaining()
+            if left is None or left > 0:
+                ms, seq, vals = plain
+                res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
+                if res is not None:
+                    if res.__class__ is not tuple:  # queued for this loop pass's batch
+                        res = await queued_result(res)
+                    if request.__class__ is bytes:
+                        self._steps.learn(request, s, vals, ms, seq, s.model)
+                    return self._encoder(res[0].shape[1]).unary_reply(*res)
+        model, version, seq, x, start, end, checked = self._step_x(s)
         y, pos = await self.sessions.step_with_position(
             model, version, seq, x, start=start, end=end, tenant=tenant_of(context),
-            checked=checked, expect=expected_of(request), deadline=deadline_of(context))
+            checked=checked, expect=expected_of(s), deadline=deadline_of(context))
         reply = pb.StepResponse(position=pos)
         reply.y.shape[:] = y.shape
         reply.y.float_data[:] = y.ravel().tolist()
-        return reply
+        return reply.SerializeToString()
 
     def _encoder(self, outputs: int) -> ReplyEncoder:
         enc = self._replies.get(outputs)
@@ -250,70 +256,38 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def StreamSteps(self, request_iterator, context):
         # serving.errors.stream written inline: its extra async-generator layer
-        # cost every message a resume and a yield. Requests arrive as bytes
-        # (serving.wire): a plain step met before is recognised without a
-        # parse, and its reply is written as bytes.
+        # cost every message a resume and a yield. Requests arrive as bytes and
+        # replies leave as bytes (serving.wire: no serializer calls). A plain
+        # step met before is recognised without a parse and answered here in
+        # a few lines; every other message goes through _stream_message.
         try:
             tenant = tenant_of(context)
-            sessions = self.sessions
-            models = sessions.models
+            try_plain = self.sessions.try_plain_step
+            models = self.sessions.models
             latency = self._stream_latency
-            known = self._stream_steps
+            lookup = self._stream_steps.lookup
+            encoders = self._replies
             async for raw in request_iterator:
                 t0 = time.perf_counter()
-                plain = message = None  # plain: (ModelSessions, sequence id, F floats)
-                hit = known.lookup(raw) if raw.__class__ is bytes else None
-                if hit is not None:
+                hit = lookup(raw) if raw.__class__ is bytes else None
+                if hit is not None:  # the hot path: a live session's next step
                     ms, seq, model, vals = hit
+                    reply = None
                     if isfinite(sum(vals)) and models.get(model) is ms:
-                        plain = ms, seq, vals
-                if plain is None:
-                    message = parse_request(raw)
-                    steps = message.steps
-                    batch = message.HasField("batch")
-                    if batch or len(steps) != 1:
-                        if batch:
-                            reply = await self._session_batch(message.batch, tenant)
-                            if steps:
-                                reply.results.extend((await self._step_many(steps, tenant)).results)
-                        elif steps:
-                            reply = await self._step_many(steps, tenant)
-                        else:
-                            reply = pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
-                        latency.observe(time.perf_counter() - t0)
-                        yield reply
-                        continue
-                    s = steps[0]
-                    plain = _plain_step(s, models)
-                try:
-                    res = None
-                    if plain is not None:  # the hot path: a live session's next step
-                        ms, seq, vals = plain
-                        res = sessions.try_plain_step(ms, seq, vals, tenant)
-                        if res is not None:
-                            if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                res = await queued_result(res)
-                            if message is not None and raw.__class__ is bytes:
-                                known.learn(raw, message, vals, ms, seq, s.model)
-                    if res is None:
-                        if message is None:
-                            message = parse_request(raw)
-                            s = message.steps[0]
-                        model, version, seq, x, start, end, checked = self._step_x(s)
-                        res = await sessions.step_with_position(
-                            model, version, seq, x, start=start, end=end, tenant=tenant,
-                            checked=checked,
-                            expect=s.expected_position if s.HasField("expected_position") else None)
-                    y, pos = res
-                    if y.shape[0] == 1:
-                        reply = self._encoder(y.shape[1]).step_reply(y, pos)
-                    else:  # a chunk of T steps
-                        reply = pb.StreamStepsResponse()
-                        r = reply.results.add(position=pos)
-                        r.y.shape.extend(y.shape)  # (T, out)
-                        r.y.float_data.extend(y.ravel().tolist())
-                except Exception as exc:  # noqa: BLE001 - reported on this step only
-                    reply = pb.StreamStepsResponse(results=[_error_result(exc)])
+                        try:
+                            res = try_plain(ms, seq, vals, tenant)
+                            if res is not None:
+                                if res.__class__ is not tuple:  # queued for this loop pass's batch
+                                    res = await queued_result(res)
+                                y, pos = res
+                                enc = encoders.get(y.shape[1]) or self._encoder(y.shape[1])
+                                reply = enc.step_reply(y, pos)
+                        except Exception as exc:  # noqa: BLE001 - reported on this step only
+                            reply = pb.StreamStepsResponse(results=[_error_result(exc)]).SerializeToString()
+                    if reply is None:
+                        reply = await self._stream_message(raw, tenant)
+                else:
+                    reply = await self._stream_message(raw, tenant)
                 latency.observe(time.perf_counter() - t0)
                 yield reply
         except AbortError:
@@ -321,6 +295,51 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except Exception as exc:  # noqa: BLE001 - ends the stream with its status
             await errors.end_stream(context, exc, "StreamSteps")
         errors.stream_ok("StreamSteps")
+
+    async def _stream_message(self, raw, tenant: str) -> bytes:
+        """The reply (bytes) to any StreamSteps message but a known plain step:
+        parsed, checked, run; a message the StepIndex can learn is learned.
+        Raises (ending the stream) only for a message that does not parse."""
+        sessions = self.sessions
+        message = parse_request(raw)
+        steps = message.steps
+        if message.HasField("batch") or len(steps) != 1:
+            if message.HasField("batch"):
+                reply = await self._session_batch(message.batch, tenant)
+                if steps:
+                    reply.results.extend((await self._step_many(steps, tenant)).results)
+            elif steps:
+                reply = await self._step_many(steps, tenant)
+            else:
+                reply = pb.StreamStepsResponse()  # nothing asked, nothing done; the stream lives
+            return reply.SerializeToString()
+        s = steps[0]
+        try:
+            res = None
+            plain = _plain_step(s, sessions.models)
+            if plain is not None:
+                ms, seq, vals = plain
+                res = sessions.try_plain_step(ms, seq, vals, tenant)
+                if res is not None:
+                    if res.__class__ is not tuple:  # queued for this loop pass's batch
+                        res = await queued_result(res)
+                    if raw.__class__ is bytes:
+                        self._stream_steps.learn(raw, message, vals, ms, seq, s.model)
+            if res is None:
+                model, version, seq, x, start, end, checked = self._step_x(s)
+                res = await sessions.step_with_position(
+                    model, version, seq, x, start=start, end=end, tenant=tenant,
+                    checked=checked, expect=expected_of(s))
+            y, pos = res
+            if y.shape[0] == 1:
+                return self._encoder(y.shape[1]).step_reply(y, pos)
+            reply = pb.StreamStepsResponse()  # a chunk of T steps
+            r = reply.results.add(position=pos)
+            r.y.shape.extend(y.shape)  # (T, out)
+            r.y.float_data.extend(y.ravel().tolist())
+        except Exception as exc:  # noqa: BLE001 - reported on this step only
+            reply = pb.StreamStepsResponse(results=[_error_result(exc)])
+        return reply.SerializeToString()
 
     def _gather_rows(self, steps):
         """A multiplexed message of one-step inputs for one model, as arrays.

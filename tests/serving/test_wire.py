@@ -34,6 +34,12 @@ def test_step_reply_is_protobufs_encoding_byte_for_byte(out, position, seed):
     assert enc.unary_reply(y, position) == inner.SerializeToString()
 
 
+@pytest.mark.parametrize("position", [1, 127, 128, 16383, 16384, 2**21 - 1, 2**21, 2**28, 2**63 - 1])
+def test_reply_positions_at_every_varint_length_boundary(position):
+    y = np.arange(3, dtype=np.float32).reshape(1, 3)
+    assert ReplyEncoder(3).step_reply(y, position) == _pb_reply(y, position)
+
+
 def _msg(key, values, **kw):
     return pb.StreamStepsRequest(steps=[pb.StepRequest(
         model="m", sequence_key=key, x=pb.Tensor(shape=[len(values)], float_data=values), **kw)])
