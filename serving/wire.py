@@ -27,6 +27,8 @@ from __future__ import annotations
 import struct
 import sys
 
+import numpy as np
+
 from protos.seqserve.v1 import inference_pb2 as pb
 
 _FIELD_1_LEN = b"\x0a"  # field 1, length-delimited: results / y / shape
@@ -35,8 +37,11 @@ _FIELD_2_VARINT = b"\x10"  # field 2, varint: position
 _LITTLE = sys.byteorder == "little"  # float32 bytes as protobuf wants them: little-endian
 
 
-def _floats(y) -> bytes:
-    return y.tobytes() if _LITTLE else y.astype("<f4").tobytes()
+if _LITTLE:
+    _floats = np.ndarray.tobytes  # float32 bytes of y: a C method, no Python frame per reply
+else:
+    def _floats(y) -> bytes:
+        return y.astype("<f4").tobytes()
 
 
 def _varint(n: int) -> bytes:
@@ -73,7 +78,7 @@ _check_field_numbers()
 class ReplyEncoder:
     """StreamStepsResponse bytes for one step's (1, out) float32 y and position."""
 
-    __slots__ = ("out", "_y_head")
+    __slots__ = ("out", "_y_head", "_outer")
 
     def __init__(self, out: int):
         self.out = out
@@ -82,6 +87,10 @@ class ReplyEncoder:
         # StepResponse up to y's floats: y's tag and length, shape, float_data's tag and length
         self._y_head = (_FIELD_1_LEN + _varint(tensor_len) + _FIELD_1_LEN + _varint(len(shape))
                         + shape + _FIELD_2_LEN + _varint(4 * out))
+        # StreamStepsResponse up to y's floats, by the position's varint length (1-10 bytes)
+        step_len = len(self._y_head) + 4 * out + 1  # + the position's varint
+        self._outer = [None] + [_FIELD_1_LEN + _varint(step_len + k) + self._y_head
+                                for k in range(1, 11)]
 
     def unary_reply(self, y, position: int) -> bytes:
         """StepResponse bytes (the unary Step's reply). y: float32 C-contiguous,
@@ -90,8 +99,8 @@ class ReplyEncoder:
 
     def step_reply(self, y, position: int) -> bytes:
         """StreamStepsResponse bytes holding that one StepResponse."""
-        step = self._y_head + _floats(y) + _FIELD_2_VARINT + _varint(position)
-        return _FIELD_1_LEN + _varint(len(step)) + step
+        pos = _varint(position)
+        return self._outer[len(pos)] + _floats(y) + _FIELD_2_VARINT + pos
 
 
 class StepIndex:
