@@ -206,8 +206,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if left is None or left > 0:
                         res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
                         if res is not None:
-                            if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                res = await queued_result(res)
+                            if res.__class__ is not tuple:  # queued: queued_result, inlined
+                                await res.future
+                                res = res.results[0]
+                                if res.__class__ is not tuple:
+                                    raise res
                             y, pos = res
                             enc = self._replies.get(y.shape[1]) or self._encoder(y.shape[1])
                             reply = enc.unary_reply(y, pos)
@@ -277,8 +280,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         try:
                             res = try_plain(ms, seq, vals, tenant)
                             if res is not None:
-                                if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                    res = await queued_result(res)
+                                if res.__class__ is not tuple:  # queued: queued_result, inlined
+                                    await res.future
+                                    res = res.results[0]
+                                    if res.__class__ is not tuple:
+                                        raise res
                                 y, pos = res
                                 enc = encoders.get(y.shape[1]) or self._encoder(y.shape[1])
                                 reply = enc.step_reply(y, pos)
