@@ -1,4 +1,5 @@
 """Health, reflection and the Prometheus endpoint of a real server."""
+import re
 import urllib.request
 
 import grpc
@@ -86,17 +87,25 @@ def test_not_serving_until_models_load_then_unavailable_on_shutdown(model_repo, 
 def test_metrics_endpoint_reports_requests_latency_sessions(model_repo, kit):
     port = kit.free_port()
     running = kit.start_server(repo=str(model_repo), metrics_port=port)
+    def scrape():
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def count(text, code):  # metrics are per process: other tests' calls count too
+        m = re.search(r'^seqserve_requests_total\{code="%s",method="Step"\} (\S+)$' % code, text, re.M)
+        return float(m.group(1)) if m else 0.0
+
     try:
+        before = scrape()
         cl = Client(running.target)
-        for i in range(5):
+        for i in range(5):  # a start, a first plain step (parsed), three met before (bytes path)
             cl.step("gru", "m", np.zeros(3, np.float32), start=(i == 0))
         try:
             cl.step("nope", "m", np.zeros(3, np.float32))
         except grpc.RpcError:
             pass
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'seqserve_requests_total{code="OK",method="Step"}' in text
-        assert 'seqserve_requests_total{code="NOT_FOUND",method="Step"}' in text
+        text = scrape()
+        assert count(text, "OK") - count(before, "OK") == 5
+        assert count(text, "NOT_FOUND") - count(before, "NOT_FOUND") == 1
         assert 'seqserve_step_latency_seconds_count{method="Step"}' in text
         assert 'seqserve_live_sessions{model="gru"} 1.0' in text
         assert "seqserve_batch_size_bucket" in text and "seqserve_snapshot_age_seconds" in text
