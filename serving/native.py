@@ -468,7 +468,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         out.y.shape[:] = y.shape
         out.y.float_data[:] = y.ravel().tolist()
         out.positions[:] = positions.tolist()
-        if any(e is not None for e in errs):
+        if errs.count(None) != len(errs):  # some rows refused
             pairs = [(0, "") if e is None else
                      (lambda c: (errors.status_number(c[0]), c[1]))(errors.classify(e, "StreamSteps"))
                      for e in errs]

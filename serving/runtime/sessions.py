@@ -75,7 +75,7 @@ def _plain_rows(table: dict, sequence_ids, tenant: str, starts, ends, expects, e
     once. A key found in the table was checked by session_key when its
     session started. Comprehensions instead of the per-row loop: ~2 us per
     row less on a 100-session message."""
-    if expects is not None or any(starts) or any(ends) or any(e is not None for e in errors):
+    if expects is not None or any(starts) or any(ends) or errors.count(None) != len(errors):
         return None
     if not set(map(type, sequence_ids)) <= _ID_TYPES:
         return None
@@ -630,13 +630,17 @@ class SessionManager:
                 del table[key]
                 frees.add(slot)
             slots[i] = slot
-        ok = [i for i in range(B) if errors[i] is None]
-        for i in range(B):
-            if errors[i] is False:
-                errors[i] = None
+        if found is not None:
+            ok = range(B)
+        else:
+            ok = [i for i in range(B) if errors[i] is None]
+            for i in range(B):
+                if errors[i] is False:
+                    errors[i] = None
         if not ok:
             return y, positions, errors
-        ms.last_used[slots[ok]] = now
+        every = len(ok) == B
+        ms.last_used[slots if every else slots[ok]] = now
         ms.last_arrival = now
         if ms.pending:  # queued work first, in order: go through the queue row by row
             # bookkeeping (start/end) is done above; only the steps remain
@@ -658,11 +662,11 @@ class SessionManager:
                     positions[i] = res[1]
             return y, positions, errors
         # nothing queued: run the whole message now, one cell call
-        sel = slots[ok] if len(ok) < B else slots
+        sel = slots if every else slots[ok]
         for slot in restarts:
             ms.cell.reset(slot)
             ms.position[slot] = 0
-        out = ms.cell.step(x[ok] if len(ok) < B else x, sel)  # (n, out)
+        out = ms.cell.step(x if every else x[ok], sel)  # (n, out)
         ms.position[sel] += 1
         ms.last_y[sel] = out
         if expects is None:
@@ -675,6 +679,8 @@ class SessionManager:
             ms.release(slot)
         if self.observer is not None:
             self.observer.batch(ms.info.name, len(ok))
+        if every:
+            return out, ms.position[sel], errors
         y[ok] = out
         positions[ok] = ms.position[sel]
         return y, positions, errors
