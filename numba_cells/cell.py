@@ -47,7 +47,8 @@ class _CpuState:
         self.params, self.meta = pack(spec)
         self.serial, self.parallel = cpu.RUNNERS[spec.cell]
         self.one = cpu.ONE[spec.cell] if spec.input_kind != "tokens" else None  # Cell.step_into
-        self.one_work = np.zeros(cpu.one_work_size(self.meta), np.float32)  # its reused scratch
+        self.one_work = (np.zeros(cpu.one_work_size(self.meta), np.float32)  # its reused scratch
+                         if self.one is not None else None)
         self.parallel_min = cpu.PARALLEL_MIN_BATCH
         # big batches: one sgemm per layer instead of tiles (see cpu.py, GEMM path)
         self.gemm = cpu_gemm.RUNNERS.get(spec.cell)

@@ -206,14 +206,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     if left is None or left > 0:
                         res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
                         if res is not None:
-                            if res.__class__ is not tuple:  # queued: queued_result, inlined
-                                await res.future
-                                res = res.results[0]
-                                if res.__class__ is not tuple:
-                                    raise res
-                            y, pos = res
-                            enc = self._replies.get(y.shape[1]) or self._encoder(y.shape[1])
-                            reply = enc.unary_reply(y, pos)
+                            if res.__class__ is not tuple:  # queued for this loop pass's batch
+                                res = await queued_result(res)
+                            reply = self._encoder(res[0].shape[1]).unary_reply(*res)
             if reply is None:
                 reply = await self._step_message(request, context)
         except AbortError:
@@ -269,7 +264,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             models = self.sessions.models
             latency = self._stream_latency
             lookup = self._stream_steps.lookup
-            encoders = self._replies
             async for raw in request_iterator:
                 t0 = time.perf_counter()
                 hit = lookup(raw) if raw.__class__ is bytes else None
@@ -280,14 +274,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         try:
                             res = try_plain(ms, seq, vals, tenant)
                             if res is not None:
-                                if res.__class__ is not tuple:  # queued: queued_result, inlined
-                                    await res.future
-                                    res = res.results[0]
-                                    if res.__class__ is not tuple:
-                                        raise res
-                                y, pos = res
-                                enc = encoders.get(y.shape[1]) or self._encoder(y.shape[1])
-                                reply = enc.step_reply(y, pos)
+                                if res.__class__ is not tuple:  # queued for this loop pass's batch
+                                    res = await queued_result(res)
+                                reply = self._encoder(res[0].shape[1]).step_reply(*res)
                         except Exception as exc:  # noqa: BLE001 - reported on this step only
                             reply = pb.StreamStepsResponse(results=[_error_result(exc)]).SerializeToString()
                     if reply is None:

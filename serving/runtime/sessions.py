@@ -667,18 +667,13 @@ class SessionManager:
             ms.cell.reset(slot)
             ms.position[slot] = 0
         out = ms.cell.step(x if every else x[ok], sel)  # (n, out)
-        ms.position[sel] += 1
-        ms.last_y[sel] = out
         if expects is None:
-            ms.ans_expect[sel] = -1
+            self._count_many(ms, sel, out)
         else:
-            ms.ans_expect[sel] = np.asarray(expects, np.int64)[ok]
-            ms.ans_len[sel] = 1
-            ms.ans_start[sel] = np.asarray(starts, np.bool_)[ok]
+            self._count_many(ms, sel, out, np.asarray(expects, np.int64)[ok],
+                             np.asarray(starts, np.bool_)[ok])
         for slot in frees:
             ms.release(slot)
-        if self.observer is not None:
-            self.observer.batch(ms.info.name, len(ok))
         if every:
             return out, ms.position[sel], errors
         y[ok] = out
@@ -851,13 +846,8 @@ class SessionManager:
             for it in items:
                 self._done(ms, it, exc)
             return
-        ms.position[slots] += 1
-        ms.last_y[slots] = y
-        ms.ans_expect[slots] = np.fromiter((it.expect for it in items), np.int64, n)
-        ms.ans_len[slots] = 1
-        ms.ans_start[slots] = np.fromiter((it.start for it in items), np.bool_, n)
-        if self.observer is not None:
-            self.observer.batch(ms.info.name, n)
+        self._count_many(ms, slots, y, np.fromiter((it.expect for it in items), np.int64, n),
+                         np.fromiter((it.start for it in items), np.bool_, n))
         pos = ms.position
         for i, it in enumerate(items):
             self._done(ms, it, (y[i:i + 1], int(pos[it.slot])))
@@ -883,13 +873,7 @@ class SessionManager:
             for it in live:
                 self._done(ms, it, exc)
             return True
-        ms.position[sl] += 1
-        ms.last_y[sl] = y
-        ms.ans_expect[sl] = -1
-        ms.ans_len[sl] = 1
-        ms.ans_start[sl] = False
-        if self.observer is not None:
-            self.observer.batch(ms.info.name, n)
+        self._count_many(ms, sl, y)
         pos = ms.position[sl].tolist()
         for i, it in enumerate(live):
             call = it.call
@@ -909,6 +893,22 @@ class SessionManager:
         ms.last_y[slot] = y[0]
         return y, self._count_one(ms, slot, expect, start)
 
+    @staticmethod
+    def _count_many(ms: ModelSessions, slots: np.ndarray, y, expects=None, starts=None) -> None:
+        """Bookkeeping of one applied step for each of `slots` (distinct), as
+        _count_one: outputs, positions and how each step was asked (expects,
+        starts: per slot; None: plain steps, asked at no position)."""
+        ms.position[slots] += 1
+        ms.last_y[slots] = y
+        if expects is None:
+            ms.ans_expect[slots] = -1
+        else:
+            ms.ans_expect[slots] = expects
+            ms.ans_len[slots] = 1
+            ms.ans_start[slots] = starts
+        if ms.batch_sizes is not None:
+            ms.batch_sizes.observe(len(slots))
+
     def _count_one(self, ms: ModelSessions, slot: int, expect: int = -1, start: bool = False) -> int:
         """Bookkeeping of one applied step (last_y already set) -> the new position."""
         pos = int(ms.position[slot]) + 1
@@ -917,8 +917,8 @@ class SessionManager:
         if expect >= 0:
             ms.ans_len[slot] = 1
             ms.ans_start[slot] = start
-        if self.observer is not None:
-            self.observer.batch(ms.info.name, 1)
+        if ms.batch_sizes is not None:
+            ms.batch_sizes.observe(1)
         return pos
 
     @staticmethod
