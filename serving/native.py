@@ -21,7 +21,7 @@ from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 from serving import auth, errors, metrics
 from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
-from serving.runtime.sessions import SessionManager, queued_result
+from serving.runtime.sessions import SessionManager
 from serving.tensors import from_array, step_input, to_array
 from serving.wire import ReplyEncoder, StepIndex, parse_request, step_handler, stream_steps_handler
 
@@ -207,7 +207,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
                         if res is not None:
                             if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                res = await queued_result(res)
+                                res = await res
                             reply = self._encoder(res[0].shape[1]).unary_reply(*res)
             if reply is None:
                 reply = await self._step_message(request, context)
@@ -233,7 +233,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
                 if res is not None:
                     if res.__class__ is not tuple:  # queued for this loop pass's batch
-                        res = await queued_result(res)
+                        res = await res
                     if request.__class__ is bytes:
                         self._steps.learn(request, s, vals, ms, seq, s.model)
                     return self._encoder(res[0].shape[1]).unary_reply(*res)
@@ -275,7 +275,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             res = try_plain(ms, seq, vals, tenant)
                             if res is not None:
                                 if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                    res = await queued_result(res)
+                                    res = await res
                                 reply = self._encoder(res[0].shape[1]).step_reply(*res)
                         except Exception as exc:  # noqa: BLE001 - reported on this step only
                             reply = pb.StreamStepsResponse(results=[_error_result(exc)]).SerializeToString()
@@ -317,7 +317,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 res = sessions.try_plain_step(ms, seq, vals, tenant)
                 if res is not None:
                     if res.__class__ is not tuple:  # queued for this loop pass's batch
-                        res = await queued_result(res)
+                        res = await res
                     if raw.__class__ is bytes:
                         self._stream_steps.learn(raw, message, vals, ms, seq, s.model)
             if res is None:

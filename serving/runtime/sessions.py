@@ -102,13 +102,14 @@ class _Call:
     no deadline); work still queued then is dropped, never run.
     """
 
-    __slots__ = ("future", "left", "results", "deadline")
+    __slots__ = ("future", "left", "results", "deadline", "direct")
 
-    def __init__(self, future, n, deadline=None):
+    def __init__(self, future, n, deadline=None, direct=False):
         self.future = future
         self.left = n
         self.results = [None] * n
         self.deadline = deadline
+        self.direct = direct  # one result, handed to the future itself (a queued _Plain)
 
 
 class _BatchSizes:
@@ -124,34 +125,23 @@ class _BatchSizes:
 
 
 class _Plain:
-    """A queued plain step (SessionManager.try_plain_step): slot, F floats, caller.
+    """A queued plain step (SessionManager.try_plain_step): slot, F floats, and
+    the caller's future, which the flush resolves to (y, position) or the
+    step's error. No _Call: awaiting the bare future is one frame less per
+    step. A flush that cannot run it in the plain batch makes it a full
+    _Item (`_as_item`) whose _Call hands its result to that future."""
 
-    `free`/`index` let `_done` treat it as an _Item; a flush that cannot run
-    it in the plain batch makes it a full _Item (`_as_item`)."""
+    __slots__ = ("slot", "values", "future")
 
-    __slots__ = ("slot", "values", "call")
-    free = False
-    index = 0
-
-    def __init__(self, slot, values, call):
+    def __init__(self, slot, values, future):
         self.slot = slot
         self.values = values
-        self.call = call
-
-
-async def queued_result(call: _Call):
-    """(y, position) of a plain step try_plain_step queued, once its flush ran;
-    raises the step's error."""
-    await call.future
-    res = call.results[0]
-    if isinstance(res, BaseException):
-        raise res
-    return res
+        self.future = future
 
 
 def _as_item(ms, it: _Plain) -> "_Item":
-    return _Item(it.slot, np.array([it.values], np.float32), None, False, False, it.call, 0,
-                 key=ms.keys[it.slot])
+    return _Item(it.slot, np.array([it.values], np.float32), None, False, False,
+                 _Call(it.future, 1, direct=True), 0, key=ms.keys[it.slot])
 
 
 class _Item:
@@ -478,8 +468,8 @@ class SessionManager:
                  that row: read it before the session's next step -, position);
           busy   the step joins the model's queue as a light `_Plain` item
                  (its input stays a list until the flush packs every queued
-                 step into one array); returns its `_Call`:
-                 `await queued_result(call)` gives (y, position).
+                 step into one array); returns its future:
+                 awaiting it gives (y, position) or raises the step's error.
         None when the step is not plain after all (unknown session, a full
         queue, a cell this path does not drive, shutting down): then the
         caller takes the general path, which also reports every error.
@@ -515,13 +505,13 @@ class SessionManager:
         ms.last_arrival = now
         ms.last_used[slot] = now
         loop = asyncio.get_running_loop()
-        call = _Call(loop.create_future(), 1)
-        pending.append(_Plain(slot, values, call))
+        future = loop.create_future()
+        pending.append(_Plain(slot, values, future))
         ms.n_plain += 1
         if not ms.scheduled:
             ms.scheduled = True
             loop.call_soon(self._flush, ms)
-        return call
+        return future
 
     async def step_many(self, requests, deadline=None) -> list:
         """Steps for many sessions at once (a multiplexed stream message).
@@ -858,7 +848,7 @@ class SessionManager:
         False (nothing done) when two items step the same session: the
         general rounds then run them in order.
         """
-        live = [it for it in items if not it.call.future.done()]  # cancelled callers: dropped
+        live = [it for it in items if not it.future.done()]  # cancelled callers: dropped
         n = len(live)
         if not n:
             return True
@@ -871,15 +861,12 @@ class SessionManager:
         except Exception as exc:  # noqa: BLE001 - every caller of this flush gets it
             log.exception("cell step failed for model %s", ms.info.name)
             for it in live:
-                self._done(ms, it, exc)
+                it.future.set_exception(exc)
             return True
         self._count_many(ms, sl, y)
-        pos = ms.position[sl].tolist()
-        for i, it in enumerate(live):
-            call = it.call
-            call.results[0] = (y[i:i + 1], pos[i])
-            call.left = 0
-            call.future.set_result(None)
+        # each caller's (1, out) row: views made by one C-level iteration
+        for it, row, pos in zip(live, list(y[:, None]), ms.position[sl].tolist()):
+            it.future.set_result((row, pos))
         return True
 
     def _apply_one(self, ms: ModelSessions, slot: int, x, expect: int = -1, start: bool = False):
@@ -949,7 +936,12 @@ class SessionManager:
         call.results[it.index] = res
         call.left -= 1
         if call.left <= 0 and call.future is not None and not call.future.done():
-            call.future.set_result(None)
+            if not call.direct:
+                call.future.set_result(None)
+            elif isinstance(res, BaseException):
+                call.future.set_exception(res)
+            else:
+                call.future.set_result(res)
 
     # ---- housekeeping ---------------------------------------------------------------
 

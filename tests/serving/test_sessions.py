@@ -167,15 +167,14 @@ def test_plain_step_fast_path_matches_the_general_path_and_declines_what_it_cann
         q6 = sm.try_plain_step(ms, "fast", xs[6].tolist())
         q_other = sm.try_plain_step(ms, "other", xs[1].tolist())
         g7 = asyncio.ensure_future(sm.step_with_position("gru", None, "fast", xs[7:8], checked=True))
-        queued = [type(q) is sessions_mod._Call for q in (q6, q_other)]
-        r6, r_other, r7 = await asyncio.gather(sessions_mod.queued_result(q6),
-                                               sessions_mod.queued_result(q_other), g7)
+        queued = [isinstance(q, asyncio.Future) for q in (q6, q_other)]
+        r6, r_other, r7 = await asyncio.gather(q6, q_other, g7)
         positions = [r6[1], r_other[1], r7[1]]
         # a flush of plain steps only: one batch
         ms.last_arrival = time.monotonic() + 1.0
         q8 = sm.try_plain_step(ms, "fast", xs[8].tolist())
         q_o2 = sm.try_plain_step(ms, "other", xs[2].tolist())
-        r8, r_o2 = await asyncio.gather(sessions_mod.queued_result(q8), sessions_mod.queued_result(q_o2))
+        r8, r_o2 = await asyncio.gather(q8, q_o2)
         positions += [r8[1], r_o2[1]]
         ms.last_arrival = 0.0  # leave the shared server as it was
         state = await sm.read("gru", "fast")
