@@ -212,3 +212,32 @@ def test_packed_session_batch_matches_ort_and_refuses_rows_one_by_one(client, mo
         assert set(errs) == {0, 1} and "shape" in str(errs[0])
     want = kit.ort_reference(model_repo / "lstm/1/model.onnx", xs)["y"]
     assert np.abs(got - want).max() < 1e-4
+
+
+def test_stream_hot_path_follows_sessions_through_bad_steps_and_interleaving(client, model_repo, kit):
+    """One stream sends the same plain step over and over (the stream checks
+    the step it sent last before any lookup), two sessions interleaved, a NaN
+    step and an unknown session in between: every good step matches ONNX
+    Runtime, and the bad ones are refused with their own message."""
+    from serving.client import StepError
+
+    x = np.random.default_rng(8).standard_normal((2, 12, 3)).astype(np.float32)
+    ys = {0: [], 1: []}
+    with client.stream("lstm") as s:
+        for b in (0, 1):
+            y, _ = s.step(f"hot-{b}", x[b, 0], start=True)
+            ys[b].append(y[0])
+        for t in range(1, 12):
+            for b in ((0,) if t < 6 else (0, 1)):  # session 0 alone, then both taking turns
+                y, pos = s.step(f"hot-{b}", x[b, len(ys[b])])
+                ys[b].append(y[0])
+                assert pos == len(ys[b])
+            if t == 3:
+                with pytest.raises(StepError, match="NaN"):
+                    s.step("hot-0", np.array([np.nan, 0.0, 0.0], np.float32))
+                with pytest.raises(StepError, match="start"):
+                    s.step("hot-never", x[0, 0])
+    for b in (0, 1):
+        n = len(ys[b])
+        want = kit.ort_reference(model_repo / "lstm/1/model.onnx", x[b:b + 1, :n])["y"][0]
+        assert np.abs(np.array(ys[b]) - want).max() < 1e-4
