@@ -204,3 +204,32 @@ def test_step_into_writes_steps_output_in_place(cell, model_file):
     assert cell.step_into([0.0] * 3, 5, np.zeros((8, 4), np.float32)[:, ::2]) is False
     assert cell.step_into([0.0] * 3, 5, np.zeros((8, 2), np.float64)) is False
     assert cell.step_into([0.0] * 3, 5, np.zeros((8, 3), np.float32)) is False
+
+
+def test_step_into_calls_the_compiled_kernel_past_the_dispatcher(cell, model_file):
+    """step_into calls the single-slot kernel's compiled entry (no per-call
+    typing): the same numbers as the batched kernel, before and after the
+    state arrays are reallocated by grow(), and an array of the wrong dtype is
+    refused rather than read."""
+    from numba_cells.cell import compiled_entry
+    from numba_cells import cpu
+
+    kernel = cpu.ONE[cell.spec.cell]
+    assert cell._one_kernel is not kernel and cell._one_kernel is compiled_entry(kernel)
+    twin = load_cell(model_file("torch", cell=cell.spec.cell, layers=2, hidden=16, features=3),
+                     device="cpu", capacity=8)
+    rows = np.zeros((32, 2), np.float32)
+    vals = [0.3, -0.1, 0.7]
+    cell.step_into(vals, 3, rows)
+    cell.grow(32)
+    twin.grow(32)
+    for slot in (3, 20):  # slot 20 exists only in the grown arrays
+        cell.step_into(vals, slot, rows)
+    twin.step(np.array([vals], np.float32), [3])  # slot 3's first step
+    want = twin.step(np.array([vals, vals], np.float32), [3, 20])
+    np.testing.assert_array_equal(rows[[3, 20]], want)
+    np.testing.assert_array_equal(cell.read(20)["h"], twin.read(20)["h"])
+    st = cell._state
+    with pytest.raises(TypeError):
+        cell._one_kernel(cell._xrow, 0, st.h.astype(np.float64), st.c, rows, st.params, st.meta,
+                         st.one_work)
