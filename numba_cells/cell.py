@@ -68,7 +68,6 @@ class _CpuState:
         self.params, self.meta = pack(spec)
         self.serial, self.parallel = cpu.RUNNERS[spec.cell]
         self.one = cpu.ONE[spec.cell] if spec.input_kind != "tokens" else None  # Cell.step_into
-        self.one_call = self.one  # after warm_up: the compiled entry (compiled_entry)
         self.one_work = (np.zeros(cpu.one_work_size(self.meta), np.float32)  # its reused scratch
                          if self.one is not None else None)
         self.parallel_min = cpu.PARALLEL_MIN_BATCH
@@ -111,7 +110,6 @@ class _CpuState:
         if self.one is not None:
             self.one(x, 0, h, c, np.empty((1, self.spec.output_size), np.float32),
                      self.params, self.meta, self.one_work)
-            self.one_call = compiled_entry(self.one)
 
     # state access: host arrays, so plain numpy
     def get(self, slot):
@@ -183,7 +181,8 @@ class Cell:
         self._rows_seen = None  # the last rows table step_into checked
         self._fast = None if self.device != "cpu" else np.dtype(np.int64 if self._tokens else np.float32)
         self._state.warm_up()
-        self._one_kernel = getattr(self._state, "one_call", None) if not self._tokens else None
+        one = getattr(self._state, "one", None)  # the single-slot kernel, compiled by warm_up
+        self._one_kernel = compiled_entry(one) if one is not None and not self._tokens else None
 
     # ------------------------------------------------------------ stepping
     def step(self, x, slots):

@@ -493,13 +493,7 @@ class SessionManager:
                 raise
             ms.last_arrival = now
             ms.last_used[slot] = now
-            # _count_one's bookkeeping, spelled out for the plain step
-            pos = ms.position.item(slot) + 1
-            ms.position[slot] = pos
-            ms.ans_expect[slot] = -1
-            if ms.batch_sizes is not None:
-                ms.batch_sizes.observe(1)
-            return ms.last_y[slot: slot + 1], pos
+            return ms.last_y[slot: slot + 1], self._count_one(ms, slot)
         if len(pending) >= self.max_queue:
             return None  # the general path refuses it with the limit named
         ms.last_arrival = now
@@ -898,7 +892,7 @@ class SessionManager:
 
     def _count_one(self, ms: ModelSessions, slot: int, expect: int = -1, start: bool = False) -> int:
         """Bookkeeping of one applied step (last_y already set) -> the new position."""
-        pos = int(ms.position[slot]) + 1
+        pos = ms.position.item(slot) + 1
         ms.position[slot] = pos
         ms.ans_expect[slot] = expect
         if expect >= 0:
