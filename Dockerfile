@@ -12,12 +12,19 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
-# ---- wheel: build the project once; every image installs this wheel --------
+# ---- wheel: build the project once for trainer and server ------------------
+# The wheel carries a C extension (serving/_hotpath.c, the streaming hot
+# path), so it is built against the Python it will run on: this stage for
+# the python-base images, wheel-gpu for server-gpu. The compiler stays here.
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+ && python -m zipfile -l /wheels/seqserve-*.whl | grep -q "serving/_hotpath"
 
 # ---- python-base: what trainer and server share ----------------------------
 FROM ${PYTHON_IMAGE} AS python-base
@@ -62,6 +69,18 @@ STOPSIGNAL SIGTERM
 CMD ["seqserve", "serve", "--repo", "/models", "--host", "0.0.0.0", "--port", "50051", \
      "--metrics-port", "8002", "--state-dir", "/state"]
 
+# ---- wheel-gpu: the same wheel, for server-gpu's Python (Ubuntu's 3.12) ---------
+FROM ${CUDA_IMAGE} AS wheel-gpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/build
+WORKDIR /src
+COPY . .
+RUN /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/build/bin/python -m zipfile -l /wheels/seqserve-*.whl | grep -q "serving/_hotpath"
+
 # ---- server-gpu -----------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS server-gpu
 ENV PYTHONUNBUFFERED=1 \
@@ -81,7 +100,7 @@ RUN apt-get update \
  && mkdir -p /models /state \
  && chown seqserve:seqserve /models /state
 WORKDIR /app
-COPY --from=wheel /wheels /wheels
+COPY --from=wheel-gpu /wheels /wheels
 # numba-cuda[cu13] brings NVVM and NVRTC as wheels: the runtime base image
 # has the CUDA libraries ONNX Runtime links but not the compiler pieces Numba
 # needs to JIT the streaming cell kernels.

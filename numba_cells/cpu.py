@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numba import float32, njit, prange
+from numba import carray, float32, njit, prange
 
 from numba_cells.packing import (L_B, L_P, L_R, L_RBH, L_RH, L_W, M_ACT, M_EMB, M_HEAD_B,
                                  M_HEAD_W, M_HIDDEN, M_IN, M_IN_SCALE, M_IN_SHIFT, M_LAYER0,
@@ -578,3 +578,57 @@ RUNNERS = {"lstm": (lstm_serial, lstm_parallel), "gru": (gru_serial, gru_paralle
            "rnn": (rnn_serial, rnn_parallel)}
 ONE = {"lstm": lstm_one, "gru": gru_one, "rnn": rnn_one}
 
+
+
+# The same single-slot step as a C function (numba.cfunc), for a native
+# caller (the serving layer's compiled hot path, serving/_hotpath.c) that
+# holds raw pointers: no Python objects cross the call, so none are unboxed.
+# Arguments: x (F floats), slot, then each array as (pointer, leading size):
+# h and c (n, L, H) - c a (1, 1, 1) dummy unless LSTM -, rows (n, out),
+# params, meta (int64) and the work buffer (one_work_size floats). The
+# numbers are lstm_one's / gru_one's / rnn_one's: it calls them.
+def _one_csig():
+    from numba import types
+    f32p, i64, i64p = types.CPointer(types.float32), types.int64, types.CPointer(types.int64)
+    return types.int64(f32p, i64, f32p, i64, f32p, i64, f32p, i64, f32p, i64, i64p, i64, f32p, i64)
+
+
+def _lstm_one_c(x, slot, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
+    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta,
+                                     work, nwork)
+    return lstm_one(xx, slot, hh, cc, r, p, m, w)
+
+
+def _gru_one_c(x, slot, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
+    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta,
+                                     work, nwork)
+    return gru_one(xx, slot, hh, cc, r, p, m, w)
+
+
+def _rnn_one_c(x, slot, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
+    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta,
+                                     work, nwork)
+    return rnn_one(xx, slot, hh, cc, r, p, m, w)
+
+
+@njit(**_jit)
+def _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
+    m = carray(meta, nmeta)
+    L, H = m[M_LAYERS], m[M_HIDDEN]
+    cc = carray(c, (nc, L, H)) if nc > 1 else carray(c, (1, 1, 1))
+    return (m, carray(h, (nh, L, H)), cc, carray(rows, (nrows, m[M_OUT])), carray(params, npar),
+            carray(work, nwork), carray(x, (1, 1, m[M_IN])))
+
+
+_ONE_C = {"lstm": _lstm_one_c, "gru": _gru_one_c, "rnn": _rnn_one_c}
+_one_c_compiled: dict = {}
+
+
+def one_cfunc(kind: str):
+    """The compiled C function of ONE[kind] (see above); its `.address` is what a
+    native caller calls. Compiled on first use (or loaded from Numba's cache)."""
+    fn = _one_c_compiled.get(kind)
+    if fn is None:
+        from numba import cfunc
+        fn = _one_c_compiled[kind] = cfunc(_one_csig(), **_jit)(_ONE_C[kind])
+    return fn

@@ -23,7 +23,9 @@ from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
 from serving.runtime.sessions import SessionManager
 from serving.tensors import from_array, step_input, to_array
-from serving.wire import ReplyEncoder, StepIndex, parse_request, step_handler, stream_steps_handler
+from serving.runtime.sessions import BATCH_WINDOW_S, queue_item
+from serving.wire import (ReplyEncoder, StepIndex, parse_request, plain_steps, step_handler,
+                          stream_steps_handler)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
@@ -83,6 +85,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self._replies: dict[int, ReplyEncoder] = {}  # outputs -> StreamSteps reply writer
         self._steps = StepIndex()  # plain Step requests met before, by their bytes
         self._stream_steps = StepIndex()  # plain one-step StreamSteps messages met before
+        # each message's first call: recognise, and answer in C where it can (serving.wire)
+        self._step_hot = plain_steps(self._steps, sessions, BATCH_WINDOW_S, queue_item, unary=True)
+        self._stream_hot = plain_steps(self._stream_steps, sessions, BATCH_WINDOW_S, queue_item,
+                                       unary=False)
 
     # ---- models ------------------------------------------------------------------
 
@@ -198,17 +204,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         t0 = time.perf_counter()
         try:
             reply = None
-            hit = self._steps.lookup(request) if request.__class__ is bytes else None
-            if hit is not None:  # the hot path, as in StreamSteps: a live session's next step
-                ms, seq, model, vals = hit
-                if isfinite(sum(vals)) and self.sessions.models.get(model) is ms:
-                    left = context.time_remaining()
-                    if left is None or left > 0:
-                        res = self.sessions.try_plain_step(ms, seq, vals, tenant_of(context))
-                        if res is not None:
-                            if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                res = await res
-                            reply = self._encoder(res[0].shape[1]).unary_reply(*res)
+            hit = None
+            if request.__class__ is bytes:
+                left = context.time_remaining()
+                if left is None or left > 0:  # else the general path reports the deadline
+                    tenant = tenant_of(context)
+                    hit = self._step_hot(request, tenant)
+            if hit.__class__ is bytes:  # a live session's next step, answered in C
+                reply = hit
+            elif hit is not None:  # the hot path, as in StreamSteps: a live session's next step
+                res = hit  # a future: queued in C for this loop pass's batch
+                if hit.__class__ is tuple:
+                    ms, seq, model, vals = hit
+                    res = (self.sessions.try_plain_step(ms, seq, vals, tenant)
+                           if isfinite(sum(vals)) and self.sessions.models.get(model) is ms else None)
+                if res is not None:
+                    if res.__class__ is not tuple:  # queued for this loop pass's batch
+                        res = await res
+                    reply = self._encoder(res[0].shape[1]).unary_reply(*res)
             if reply is None:
                 reply = await self._step_message(request, context)
         except AbortError:
@@ -263,22 +276,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try_plain = self.sessions.try_plain_step
             models = self.sessions.models
             latency = self._stream_latency
-            lookup = self._stream_steps.lookup
+            hot = self._stream_hot
             async for raw in request_iterator:
                 t0 = time.perf_counter()
-                hit = lookup(raw) if raw.__class__ is bytes else None
-                if hit is not None:  # the hot path: a live session's next step
-                    ms, seq, model, vals = hit
+                hit = hot(raw, tenant) if raw.__class__ is bytes else None
+                if hit.__class__ is bytes:  # a live session's next step, answered in C
+                    reply = hit
+                elif hit is not None:  # the hot path: a live session's next step
                     reply = None
-                    if isfinite(sum(vals)) and models.get(model) is ms:
-                        try:
-                            res = try_plain(ms, seq, vals, tenant)
-                            if res is not None:
-                                if res.__class__ is not tuple:  # queued for this loop pass's batch
-                                    res = await res
-                                reply = self._encoder(res[0].shape[1]).step_reply(*res)
-                        except Exception as exc:  # noqa: BLE001 - reported on this step only
-                            reply = pb.StreamStepsResponse(results=[_error_result(exc)]).SerializeToString()
+                    try:
+                        res = hit  # a future: queued in C for this loop pass's batch
+                        if hit.__class__ is tuple:
+                            ms, seq, model, vals = hit
+                            res = (try_plain(ms, seq, vals, tenant)
+                                   if isfinite(sum(vals)) and models.get(model) is ms else None)
+                        if res is not None:
+                            if res.__class__ is not tuple:  # queued for this loop pass's batch
+                                res = await res
+                            reply = self._encoder(res[0].shape[1]).step_reply(*res)
+                    except Exception as exc:  # noqa: BLE001 - reported on this step only
+                        reply = pb.StreamStepsResponse(results=[_error_result(exc)]).SerializeToString()
                     if reply is None:
                         reply = await self._stream_message(raw, tenant)
                 else:

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import bulk, metrics, native
+from serving import bulk, metrics, native, wire
 from serving.auth import AuthInterceptor, TokenTable
 from serving.guard import Guarded
 from serving.native import SERVICE, InferenceServicer
@@ -124,8 +124,8 @@ class Server:
         self.grpc = grpc.aio.server(options=opts, interceptors=interceptors,
                                     maximum_concurrent_rpcs=s.max_concurrent_rpcs or None)
         guarded = Guarded(self.grpc)  # unparsable unary requests: INVALID_ARGUMENT
-        native.add_to_server(
-            InferenceServicer(self.registry, self.sessions, s.max_predict_inflight), guarded)
+        self.servicer = InferenceServicer(self.registry, self.sessions, s.max_predict_inflight)
+        native.add_to_server(self.servicer, guarded)
         pool = None
         for plugin in _plugins():
             added = plugin.add_to_server(guarded, self.registry, self.sessions)
@@ -149,8 +149,9 @@ class Server:
         await self.grpc.start()
         self.metrics_http = metrics.start_http(s.metrics_port, s.host)
         metrics.attach(self)
-        log.info("listening on %s:%d (models loading; event loop %s)", s.host, self.port,
-                 type(asyncio.get_running_loop()).__module__.split(".")[0])
+        log.info("listening on %s:%d (models loading; event loop %s; streaming hot path %s)",
+                 s.host, self.port, type(asyncio.get_running_loop()).__module__.split(".")[0],
+                 wire.HOTPATH)
         self._tasks.append(asyncio.create_task(self._load()))
         return self.port
 

@@ -140,6 +140,48 @@ class StepIndex:
             self.widths.append(width)
 
 
+def _native():
+    """serving._hotpath.PlainSteps when the C extension is built and not turned off
+    (SEQSERVE_HOTPATH=python), else None."""
+    import os
+    if os.environ.get("SEQSERVE_HOTPATH", "native") == "python":
+        return None
+    try:
+        from serving._hotpath import PlainSteps
+    except ImportError:  # built without a C compiler: the Python path serves
+        return None
+    return PlainSteps
+
+
+NATIVE = _native()
+HOTPATH = "native (C)" if NATIVE is not None else "python"  # what the server logs
+
+
+def plain_steps(index: StepIndex, sessions, window: float, queue_item, unary: bool):
+    """The first call on every Step / StreamSteps message: f(raw, tenant) ->
+
+      bytes   the reply: a plain step met before, of a live session, run
+              inline (a quiet model) by serving._hotpath in one compiled call;
+      future  the same step queued for the model's next batch (a busy
+              model): awaiting it gives (y, position) or raises the step's
+              error, as try_plain_step's future;
+      tuple   (ms, sequence id, model, values), what index.lookup gives: a
+              plain step met before, for the caller to finish as before;
+      None    not a step met before.
+
+    Without the C extension (or with SEQSERVE_HOTPATH=python) it is
+    index.lookup, which only answers tuples and None. sessions: the
+    SessionManager; window: its BATCH_WINDOW_S; queue_item: its _Plain."""
+    if NATIVE is not None:
+        return NATIVE(index, sessions, window, queue_item, unary)
+    lookup = index.lookup
+
+    def python_path(raw, tenant):
+        return lookup(raw)
+
+    return python_path
+
+
 def stream_steps_handler(behaviour):
     """StreamSteps' method handler: bytes in, bytes out. No (de)serializer:
     gRPC hands the request bytes over and sends the reply bytes as they are,

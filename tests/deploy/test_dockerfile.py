@@ -89,3 +89,23 @@ def test_images_run_unprivileged_with_exec_form_commands():
     for name in ("server", "server-gpu"):
         (check,) = [c for c in stages[name]["commands"] if c.cmd == "HEALTHCHECK"]
         assert check.json and check.value[:3] == ("CMD", "python", "deploy/healthcheck.py")
+
+
+def test_each_image_installs_a_wheel_built_on_its_own_python_with_the_c_hot_path():
+    """The wheel carries a C extension (serving/_hotpath.c): an image must install one
+    compiled against its own Python, so each server copies its wheel from a stage on
+    its own base image, and that stage has a compiler and checks the extension is in."""
+    stages = _stages()
+
+    def root(name):
+        return stages[_chain(stages, name)[-1]]["base"]
+
+    for name in ("trainer", "server", "server-gpu"):
+        builders = {c.original.split()[1].split("=", 1)[1]
+                    for s in _chain(stages, name) for c in stages[s]["commands"]
+                    if c.cmd == "COPY" and c.original.startswith("COPY --from=")}
+        assert len(builders) == 1, f"{name}: copies a wheel from {builders}"
+        builder = builders.pop()
+        assert root(builder) == root(name), f"{name} ({root(name)}) installs a wheel built on {root(builder)}"
+        runs = " ".join(_runs(stages, builder))
+        assert "gcc" in runs and "serving/_hotpath" in runs, f"{builder}: {runs}"

@@ -233,3 +233,38 @@ def test_step_into_calls_the_compiled_kernel_past_the_dispatcher(cell, model_fil
     with pytest.raises(TypeError):
         cell._one_kernel(cell._xrow, 0, st.h.astype(np.float64), st.c, rows, st.params, st.meta,
                          st.one_work)
+
+
+def test_native_step_is_the_single_slot_kernel_as_a_c_function(cell, model_file):
+    """Cell.native_step(): the address of the same kernel compiled as a C function
+    (raw pointers and sizes in). Called through ctypes on one_state's arrays it
+    gives the batched kernel's numbers bit for bit, and refuses a slot past the
+    arrays (code 1) without writing."""
+    import ctypes
+
+    f32, i64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64
+    proto = ctypes.CFUNCTYPE(i64, f32, i64, f32, i64, f32, i64, f32, i64, f32, i64,
+                             ctypes.POINTER(i64), i64, f32, i64)
+    assert cell.one_address == 0  # compiled only when asked for
+    fn = proto(cell.native_step())
+    assert cell.one_address == cell.native_step() != 0
+    st = cell.one_state
+    twin = load_cell(model_file("torch", cell=cell.spec.cell, layers=2, hidden=16, features=3),
+                     device="cpu", capacity=8)
+    rows = np.zeros((8, 2), np.float32)
+
+    def call(x, slot):
+        p = lambda a: a.ctypes.data_as(f32)  # noqa: E731
+        return fn(p(x), slot, p(st.h), st.h.shape[0], p(st.c), st.c.shape[0], p(rows), rows.shape[0],
+                  p(st.params), st.params.size, st.meta.ctypes.data_as(ctypes.POINTER(i64)),
+                  st.meta.size, p(st.one_work), st.one_work.size)
+
+    for t in range(5):
+        x = _x(cell, 1, seed=t)
+        assert call(x, 6) == 0
+        want = twin.step(x, [6])
+        np.testing.assert_array_equal(rows[6], want[0])
+    np.testing.assert_array_equal(cell.read(6)["h"], twin.read(6)["h"])
+    before = rows.copy()
+    assert call(_x(cell, 1), 8) == 1  # past the 8 slots: refused
+    np.testing.assert_array_equal(rows, before)
