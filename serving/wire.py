@@ -21,6 +21,10 @@ own encoding).
 
 `stream_steps_handler` / `step_handler` register the two methods with bytes
 in (the servicer parses what it does not recognise) and bytes out.
+
+`plain_steps` is each message's first call: serving._hotpath (C) recognises,
+runs and answers a plain step in one call where it is built, and hands back
+whatever it does not decide; without it, StepIndex.lookup.
 """
 from __future__ import annotations
 

@@ -23,8 +23,9 @@ themselves run in one of two ways:
          often delivers each stream's message in its own loop iteration),
          arrivals run inline again, and queueing is re-tried every
          PROBE_EVERY_S.
-The streaming hot path (`try_plain_step`: a plain step of a live session of
-a float model) makes the same decision without the general path's objects:
+The streaming hot path (`try_plain_step`, and serving/_hotpath.c, its C twin
+that the network handlers call first: a plain step of a live session of a
+float model) makes the same decision without the general path's objects:
 quiet, the single-slot kernel writes y into the session's row; busy, the
 step queues as a light `_Plain` (slot, floats, caller), and a flush of
 plain steps only is one `cell.step` with array bookkeeping.
@@ -485,6 +486,11 @@ class SessionManager:
         queue, a cell this path does not drive, shutting down): then the
         caller takes the general path, which also reports every error.
         ms: the model's sessions (`self.models[name]`).
+
+        serving/_hotpath.c makes these same decisions in C for the network
+        handlers (the Python path here is its fallback and reference):
+        change one, change the other; tests/serving/test_hotpath.py
+        compares them.
         """
         if self.closing:
             return None
