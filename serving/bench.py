@@ -35,7 +35,7 @@ import numpy as np
 
 from protos.seqserve.v1 import inference_pb2 as pb
 from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
-from serving import eventloop
+from serving import eventloop, wire
 
 TARGETS = {  # path -> (compared with, bound, kind) as issue 5 states them
     "step-stream": ("echo-stream", 1.25, "p50"),
@@ -340,7 +340,8 @@ def bench_serve(repo: str, model: str, steps: int, sessions: int, log=print,
             _ready_echo(f"127.0.0.1:{eport}")
             log(f"model {model}: {meta.cell} {meta.layers}x{meta.hidden}, ONNX Runtime "
                 f"{meta.ort_provider}, cell {meta.cell_device}; {steps} steps per path; "
-                f"server and echo on the {eventloop.resolve(loop)} event loop")
+                f"server and echo on the {eventloop.resolve(loop)} event loop; "
+                f"streaming hot path {wire.HOTPATH}")
             measured = asyncio.run(measure(f"127.0.0.1:{eport}", target, model,
                                            meta.input_features, steps))
         finally:
