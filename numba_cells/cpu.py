@@ -594,28 +594,32 @@ def _one_csig():
 
 
 def _lstm_one_c(x, slot, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
-    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta,
-                                     work, nwork)
+    if nc != nh:  # an LSTM's c is a full (n, L, H) table, like h
+        return ERR_SLOT_RANGE
+    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, True, rows, nrows, params, npar, meta,
+                                     nmeta, work, nwork)
     return lstm_one(xx, slot, hh, cc, r, p, m, w)
 
 
 def _gru_one_c(x, slot, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
-    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta,
-                                     work, nwork)
+    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, False, rows, nrows, params, npar, meta,
+                                     nmeta, work, nwork)
     return gru_one(xx, slot, hh, cc, r, p, m, w)
 
 
 def _rnn_one_c(x, slot, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
-    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta,
-                                     work, nwork)
+    m, hh, cc, r, p, w, xx = _c_views(x, h, nh, c, nc, False, rows, nrows, params, npar, meta,
+                                     nmeta, work, nwork)
     return rnn_one(xx, slot, hh, cc, r, p, m, w)
 
 
 @njit(**_jit)
-def _c_views(x, h, nh, c, nc, rows, nrows, params, npar, meta, nmeta, work, nwork):
+def _c_views(x, h, nh, c, nc, c_full, rows, nrows, params, npar, meta, nmeta, work, nwork):
+    """The pointers as arrays of the shapes the *_one kernels take; c is the
+    (nc, L, H) table when c_full (LSTM), else the (1, 1, 1) dummy."""
     m = carray(meta, nmeta)
     L, H = m[M_LAYERS], m[M_HIDDEN]
-    cc = carray(c, (nc, L, H)) if nc > 1 else carray(c, (1, 1, 1))
+    cc = carray(c, (nc, L, H)) if c_full else carray(c, (1, 1, 1))
     return (m, carray(h, (nh, L, H)), cc, carray(rows, (nrows, m[M_OUT])), carray(params, npar),
             carray(work, nwork), carray(x, (1, 1, m[M_IN])))
 

@@ -270,6 +270,9 @@ static int queue_step(PlainSteps *self, PyObject *ms, PyObject *pending, Py_ssiz
     Py_DECREF(loop);
     if (!ok) {
         Py_XDECREF(future);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "queueing a plain step failed: the model's "
+                            "sessions have no readable `scheduled` flag");
         return -1;
     }
     *reply = future;

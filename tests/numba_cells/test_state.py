@@ -268,3 +268,23 @@ def test_native_step_is_the_single_slot_kernel_as_a_c_function(cell, model_file)
     before = rows.copy()
     assert call(_x(cell, 1), 8) == 1  # past the 8 slots: refused
     np.testing.assert_array_equal(rows, before)
+
+
+def test_native_step_of_a_one_slot_lstm_reads_its_whole_cell_state(model_file):
+    """capacity 1: h and c are (1, L, H) tables, not the (1, 1, 1) dummy a GRU's c is."""
+    import ctypes
+
+    path = model_file("torch", cell="lstm", layers=2, hidden=16, features=3)
+    cell, twin = load_cell(path, device="cpu", capacity=1), load_cell(path, device="cpu", capacity=1)
+    f32, i64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64
+    fn = ctypes.CFUNCTYPE(i64, f32, i64, f32, i64, f32, i64, f32, i64, f32, i64,
+                          ctypes.POINTER(i64), i64, f32, i64)(cell.native_step())
+    st, rows = cell.one_state, np.zeros((1, 2), np.float32)
+    p = lambda a: a.ctypes.data_as(f32)  # noqa: E731
+    for t in range(4):
+        x = _x(cell, 1, seed=t)
+        assert fn(p(x), 0, p(st.h), 1, p(st.c), 1, p(rows), 1, p(st.params), st.params.size,
+                  st.meta.ctypes.data_as(ctypes.POINTER(i64)), st.meta.size, p(st.one_work),
+                  st.one_work.size) == 0
+        np.testing.assert_array_equal(rows[0], twin.step(x, [0])[0])
+    np.testing.assert_array_equal(cell.read(0)["c"], twin.read(0)["c"])
