@@ -21,9 +21,8 @@ from protos.seqserve.v1 import inference_pb2_grpc as pb_grpc
 from serving import auth, errors, metrics
 from serving.errors import InvalidArgument
 from serving.runtime.registry import Registry
-from serving.runtime.sessions import SessionManager
+from serving.runtime.sessions import BATCH_WINDOW_S, SessionManager, queue_item
 from serving.tensors import from_array, step_input, to_array
-from serving.runtime.sessions import BATCH_WINDOW_S, queue_item
 from serving.wire import (ReplyEncoder, StepIndex, parse_request, plain_steps, step_handler,
                           stream_steps_handler)
 
