@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protos.seqserve.v1 import inference_pb2 as pb
@@ -359,3 +359,36 @@ def test_c_paths_leak_nothing(model_repo):
         assert grown < 64 * 1024, f"{grown} bytes held after 10,000 rounds"
 
     asyncio.run(run())
+
+
+@settings(max_examples=150, deadline=None)
+@given(tail=st.binary(min_size=0, max_size=24), cut=st.integers(0, 8))
+@example(tail=b"", cut=0)  # the step itself
+@example(tail=b"\x01\x02\x03\x04", cut=4)  # new finite values
+@example(tail=b"\x00\x00\xc0\x7f", cut=4)  # a NaN
+@example(tail=b"\x00\x00\x80\xff", cut=4)  # -inf
+def test_c_recognises_exactly_what_the_python_index_recognises(rig_lstm, tail, cut):
+    """Any bytes after (part of) a known head: C answers bytes only where the Python
+    index finds a plain step with finite values, and otherwise the same tuple or None."""
+    rig, raw = rig_lstm
+    msg = raw[:len(raw) - cut] + tail
+    rig.quiet()
+    want = rig.index.lookup(msg)
+    got = rig.c(msg, "")
+    if want is None:
+        assert got is None
+    elif all(np.isfinite(want[3])):
+        assert got.__class__ is bytes
+    else:
+        assert got.__class__ is tuple and got[:3] == want[:3]
+        np.testing.assert_array_equal(np.array(got[3]), np.array(want[3]))
+
+
+@pytest.fixture(scope="module")
+def rig_lstm(model_repo):
+    rig = Rig(model_repo, "lstm")
+    x0 = [0.5] * rig.F
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(rig.start(11, x0))
+    yield rig, _raw("lstm", 11, x0)
+    loop.close()
