@@ -290,7 +290,7 @@ static int run_step(PlainSteps *self, PyObject *ms, PyObject *seq, PyObject *mod
     PyObject *cur = PyDict_Check(models) ? PyDict_GetItemWithError(models, model) : NULL;
     Py_DECREF(models);
     if (cur != ms) goto declined_err;
-    if ((r = attr_true(self->sessions, s_closing)) != 0) return 0;
+    if (attr_true(self->sessions, s_closing) != 0) return 0;
 
     /* the session is live */
     PyObject *table = PyObject_GetAttr(ms, s_table);
@@ -556,18 +556,6 @@ static void PlainSteps_dealloc(PlainSteps *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *PlainSteps_forget(PlainSteps *self, PyObject *unused) {
-    (void)unused;
-    PlainSteps_release_held(self);
-    Py_RETURN_NONE;
-}
-
-static PyMethodDef PlainSteps_methods[] = {
-    {"forget", (PyCFunction)PlainSteps_forget, METH_NOARGS,
-     "Let go of the arrays held since the last step (they are re-read on the next one)."},
-    {NULL, NULL, 0, NULL},
-};
-
 static PyObject *PlainSteps_tp_call(PyObject *self, PyObject *args, PyObject *kwargs) {
     return PyVectorcall_Call(self, args, kwargs);
 }
@@ -585,7 +573,6 @@ static PyTypeObject PlainStepsType = {
     .tp_traverse = (traverseproc)PlainSteps_traverse,
     .tp_clear = (inquiry)PlainSteps_clear,
     .tp_dealloc = (destructor)PlainSteps_dealloc,
-    .tp_methods = PlainSteps_methods,
 };
 
 static PyObject *encode_reply_py(PyObject *mod, PyObject *args) {

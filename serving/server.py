@@ -160,9 +160,6 @@ class Server:
         t0 = time.perf_counter()
         await asyncio.to_thread(self.registry.load_all, pins=s.pins(), device=s.device,
                                 max_steps=s.max_steps_per_request)
-        if wire.NATIVE is not None:  # the C hot path's kernels (Numba-compiled: off the loop)
-            await asyncio.to_thread(
-                lambda: [m.cell.native_step() for m in self.registry if m.cell is not None])
         self.sessions.refresh()
         refused = self._refused_models()
         if refused:

@@ -123,8 +123,9 @@ class StepIndex:
         self.widths: list[int] = []
         self.limit = limit
 
-    def lookup(self, raw: bytes):
-        """-> (ms, sequence id, model, values) for a request met before, else None."""
+    def lookup(self, raw: bytes, tenant: str = ""):
+        """-> (ms, sequence id, model, values) for a request met before, else None.
+        tenant: unused (entries never name one); plain_steps' calling convention."""
         for width in self.widths:
             hit = self.known.get(raw[:-width])
             if hit is not None and hit[0] == width:
@@ -178,12 +179,7 @@ def plain_steps(index: StepIndex, sessions, window: float, queue_item, unary: bo
     SessionManager; window: its BATCH_WINDOW_S; queue_item: its _Plain."""
     if NATIVE is not None:
         return NATIVE(index, sessions, window, queue_item, unary)
-    lookup = index.lookup
-
-    def python_path(raw, tenant):
-        return lookup(raw)
-
-    return python_path
+    return index.lookup
 
 
 def stream_steps_handler(behaviour):

@@ -98,6 +98,9 @@ def warm(model: LoadedModel) -> None:
     if model.cell is not None:
         # slot 0 is scratch here: the session manager resets every slot it hands out
         model.cell.step(x[:, 0], np.zeros(1, np.int64))
+        from serving import wire
+        if wire.NATIVE is not None:  # the C hot path calls the kernel's C entry
+            model.cell.native_step()
         model.cell.step_chunk(x, np.zeros(1, np.int64))
         model.cell.reset(0)
 

@@ -60,12 +60,6 @@ PROBE_EVERY_S = 1.0  # how often queueing is re-tried once it did not pay
 PAYS_MEAN_BATCH = 1.5  # mean steps per flush that make queueing worth it
 
 
-def native_hotpath() -> bool:
-    """Whether serving's compiled hot path (serving.wire.NATIVE) is in use."""
-    from serving import wire
-    return wire.NATIVE is not None
-
-
 def session_key(sequence_id, tenant: str = ""):
     """The dict key of a session: the id alone, or (tenant, id) for a tenant."""
     if sequence_id is None or sequence_id == 0 or sequence_id == "" or isinstance(sequence_id, bool):
@@ -189,8 +183,6 @@ class ModelSessions:
         self.tenants = tenants  # optional TenantQuota shared by every model
         self.info = model.info
         self.cell = model.require_cell()
-        if native_hotpath():  # the C hot path steps the cell through its C entry
-            self.cell.native_step()
         self.max_sessions = max_sessions
         self.table: dict = {}  # key -> slot
         cap = int(self.cell.capacity)
